@@ -1,0 +1,151 @@
+"""`flux2-klein export onnx`: every network of a checkpoint to an ONNX graph ready for TensorRT.
+
+Opset 18, dynamic axes from the specs, constant-folded (onnxscript's optimizer, run by the torch
+exporter) and shape-inferred, weights in an external file when the graph passes protobuf's 2 GB
+limit. One network at a time is loaded, exported and freed, so peak memory is one network's.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import Checkpoint, load_checkpoint
+from ..progress import step
+from ..specs import NETWORKS, NetworkSpec, example_inputs, network_specs
+from . import wrappers
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PROTOBUF_LIMIT = 2**31 - 1
+# Example sizes for tracing: batch 2 and uneven sides so that no dynamic dimension is traced at 1
+# or at a value equal to another dimension (torch.export would specialise or merge them).
+TRACE_SIZE = (720, 1456)
+TRACE_REFERENCES = ((768, 512),)
+
+
+def load_wrapper(ckpt: Checkpoint, network: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The network's torch module with its spec's signature, weights in `dtype`, eval mode."""
+    path = ckpt.component
+    if network == "text_encoder":
+        from transformers import Qwen3ForCausalLM
+
+        module = Qwen3ForCausalLM.from_pretrained(path("text_encoder"), dtype=dtype, attn_implementation="sdpa")
+        spec_layers = network_specs(ckpt)["text_encoder"].config["out_layers"]
+        return wrappers.TextEncoderEmbeds(module, spec_layers).eval()
+    if network == "transformer":
+        from diffusers import Flux2Transformer2DModel
+
+        return wrappers.TransformerVelocity(Flux2Transformer2DModel.from_pretrained(path("transformer"), dtype=dtype)).eval()
+    if network in ("vae_decoder", "vae_encoder"):
+        from diffusers import AutoencoderKLFlux2
+
+        vae = AutoencoderKLFlux2.from_pretrained(path("vae"), dtype=dtype)
+        cls = wrappers.VaeDecodeImage if network == "vae_decoder" else wrappers.VaeEncodeTokens
+        return cls(vae).eval()
+    raise KeyError(f"network: {network!r}, expected one of {', '.join(NETWORKS)}")
+
+
+def dynamic_shapes(spec: NetworkSpec) -> dict[str, dict[int, object] | None]:
+    """torch.export dimensions named as in the spec, bounded by the union of its profiles."""
+    dims: dict[str, object] = {}
+
+    def dim(name: str):
+        if name not in dims:
+            if name in spec.derived:
+                base, factor = spec.derived[name]
+                hi = max(p.dims[name][2] for p in spec.profiles) // factor
+                dims[name] = factor * torch.export.Dim(base, min=1, max=hi)
+            else:
+                hi = max(p.dims[name][2] for p in spec.profiles)
+                dims[name] = torch.export.Dim(name, min=1, max=hi)
+        return dims[name]
+
+    return {t.name: ({i: dim(d) for i, d in t.dynamic_axes.items()} or None) for t in spec.inputs}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export_network(ckpt: Checkpoint, spec: NetworkSpec, out_dir: Path, dtype: str = "fp32") -> Path:
+    """Export one network to out_dir/<name>/model.onnx and write model.json beside it."""
+    target = Path(out_dir) / spec.name
+    target.mkdir(parents=True, exist_ok=True)
+    onnx_path = target / "model.onnx"
+    with step(f"{spec.name}: load weights ({dtype})"):
+        module = load_wrapper(ckpt, spec.name, DTYPES[dtype])
+    rng = np.random.default_rng(0)
+    example = example_inputs(spec, rng, batch=2, size=TRACE_SIZE, references=TRACE_REFERENCES)
+    args = tuple(torch.from_numpy(example[n]) for n in spec.input_names)
+    with step(f"{spec.name}: trace and convert to ONNX opset {OPSET}"), torch.no_grad():
+        program = torch.onnx.export(
+            module, args, dynamo=True, opset_version=OPSET, input_names=spec.input_names,
+            output_names=spec.output_names, dynamic_shapes=dynamic_shapes(spec), optimize=True,
+            verbose=False,
+        )
+    del module
+    gc.collect()
+    for stale in (onnx_path, target / "model.onnx.data"):
+        stale.unlink(missing_ok=True)
+    with step(f"{spec.name}: save"):
+        program.save(onnx_path, external_data=_weights_bytes(program) > PROTOBUF_LIMIT - (64 << 20))
+    del program
+    gc.collect()
+    with step(f"{spec.name}: shape inference"):
+        _infer_shapes(onnx_path)
+    meta = {
+        "network": spec.name,
+        "checkpoint": str(ckpt.path),
+        "dtype": dtype,
+        "opset": OPSET,
+        "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in spec.inputs],
+        "outputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in spec.outputs],
+        "profiles": [{"name": p.name, "dims": p.dims} for p in spec.profiles],
+        "sha256": sha256(onnx_path),
+        "files": sorted(p.name for p in target.iterdir() if p.name.startswith("model.onnx")),
+        "torch": torch.__version__,
+    }
+    (target / "model.json").write_text(json.dumps(meta, indent=1))
+    size = sum((target / f).stat().st_size for f in meta["files"])
+    log.info("%s: %s (%.1f MB)", spec.name, onnx_path, size / 1e6)
+    return onnx_path
+
+
+def _weights_bytes(program) -> int:
+    return sum(int(np.prod(v.shape)) * v.dtype.itemsize for v in program.model.graph.initializers.values())
+
+
+def _infer_shapes(path: Path) -> None:
+    import onnx
+
+    # The path variant works above 2 GB, where the in-memory one cannot serialise the model.
+    onnx.shape_inference.infer_shapes_path(str(path), str(path), check_type=False, strict_mode=False,
+                                           data_prop=True)
+
+
+def export_onnx(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32",
+                networks: tuple[str, ...] = NETWORKS) -> dict[str, Path]:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: {dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
+    unknown = [n for n in networks if n not in NETWORKS]
+    if unknown:
+        raise ValueError(f"networks: unknown {', '.join(unknown)}; allowed: {', '.join(NETWORKS)}")
+    ckpt = load_checkpoint(checkpoint)
+    specs = network_specs(ckpt)
+    out = {}
+    for name in networks:
+        out[name] = export_network(ckpt, specs[name], Path(out_dir), dtype)
+    return out

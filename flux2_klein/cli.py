@@ -1,0 +1,76 @@
+"""The `flux2-klein` command (CONTRACT.md section 2)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .progress import log, setup_logging
+
+
+def _tiny(args) -> int:
+    from .tiny import make_full_size, make_tiny
+
+    if args.config:
+        make_full_size(Path(args.out), Path(args.config), seed=args.seed)
+    else:
+        make_tiny(Path(args.out), seed=args.seed, distilled=not args.base)
+    return 0
+
+
+def _export_onnx(args) -> int:
+    from .export.onnx_export import export_onnx
+
+    networks = tuple(args.networks.split(",")) if args.networks else None
+    kwargs = {"networks": networks} if networks else {}
+    paths = export_onnx(args.checkpoint, args.out, dtype=args.dtype, **kwargs)
+    for name, path in paths.items():
+        print(f"{name}\t{path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flux2-klein", description="Serve FLUX.2 [klein] on NVIDIA Triton.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("tiny", help="write a tiny random-weight checkpoint of the real architecture")
+    t.add_argument("--out", required=True, help="checkpoint directory to write")
+    t.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    t.add_argument("--base", action="store_true",
+                   help="an undistilled 'base' checkpoint (guidance with an empty negative prompt)")
+    t.add_argument("--config", default="",
+                   help="instead of the tiny geometry, random bf16 weights of the component configs in this "
+                        "JSON file (e.g. the real 4B one, for full-size checks on a GPU machine)")
+    t.set_defaults(func=_tiny)
+
+    e = sub.add_parser("export", help="export steps: onnx")
+    esub = e.add_subparsers(dest="what", required=True)
+    o = esub.add_parser("onnx", help="export every network to ONNX, ready for TensorRT")
+    o.add_argument("--checkpoint", required=True, help="checkpoint in diffusers layout")
+    o.add_argument("--out", required=True, help="output directory: one folder per network")
+    o.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="compute precision inside the graphs (I/O stays float32; default fp32)")
+    o.add_argument("--networks", default="",
+                   help="comma-separated subset of text_encoder,transformer,vae_decoder,vae_encoder")
+    o.set_defaults(func=_export_onnx)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    from .checkpoint import CheckpointError
+
+    try:
+        return args.func(args)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        log.error("%s", e)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

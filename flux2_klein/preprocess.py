@@ -1,0 +1,331 @@
+"""Request preprocessing for the Triton model `flux2_klein`, free of any transport.
+
+The Triton Python-backend "preprocess" model wraps this module: it turns the request's tensors into a
+`Request` (validated, with the contract's defaults applied, CONTRACT.md section 3), decodes and
+preprocesses the reference images exactly as diffusers' `Flux2KleinPipeline.__call__` does ("4. process
+images"), and tokenizes the prompt exactly as `Flux2KleinPipeline._get_qwen3_prompt_embeds` does. Every
+caller mistake raises `InvalidInput`, whose message names the input and what is allowed; the wrapper
+answers it with INVALID_ARGUMENT / HTTP 400.
+
+Decisions beyond the contract's table:
+
+* `guidance_scale` must be a finite number >= 0; NaN, +-inf and negative values are rejected (diffusers
+  would silently produce NaN or an inverted guidance). It is validated for distilled checkpoints too,
+  even though they ignore it, so that a request is valid or not independently of the checkpoint.
+* `seed` may be any INT64, negative included (`torch.Generator.manual_seed` accepts the whole range).
+* `prompt` given as "" is valid (it is also the base model's negative prompt); a missing prompt, or one
+  sent with an empty shape, is an error. The prompt is not length-limited: like diffusers we tokenize
+  everything and keep the first 512 tokens (chat template included).
+* References are decoded as the pipeline sees `PIL.Image.open(file)`: the first frame of an animated
+  PNG/WebP, no EXIF orientation applied, no ICC colour management, alpha dropped (not composited) by
+  `convert("RGB")`. Files over `MAX_DECODE_PIXELS` are refused before their pixels are decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from flux2_klein.sizes import (
+    DEFAULT_SIZE,
+    MAX_REFERENCES,
+    PIXELS_PER_TOKEN_SIDE,
+    REFERENCE_MAX_AREA,
+    REFERENCE_MAX_ASPECT,
+    REFERENCE_MIN_SIDE,
+    SIZES,
+    TEXT_TOKENS,
+    size_names,
+)
+
+# The contract's defaults (CONTRACT.md section 3).
+DEFAULT_SEED = 0
+DEFAULT_STEPS_DISTILLED = 4
+DEFAULT_STEPS_BASE = 50
+DEFAULT_GUIDANCE_DISTILLED = 1.0
+DEFAULT_GUIDANCE_BASE = 4.0
+MIN_STEPS, MAX_STEPS = 1, 100
+
+# Decoding a reference costs memory in proportion to its pixels, whatever its file size (a small PNG can
+# declare 50000x50000). Anything larger than this is refused from its header, before decoding: 64 MiP
+# (8192x8192, or a 64-megapixel photo) decodes to at most 256 MiB as RGBA. Every reference is resized to
+# about one megapixel anyway.
+MAX_DECODE_PIXELS = 64 * 1024 * 1024
+REFERENCE_FORMATS = ("PNG", "JPEG", "WEBP")
+
+# Triton's names for the numpy dtypes its backends hand over.
+_TRITON_DTYPES = {
+    np.dtype(np.bool_): "BOOL",
+    np.dtype(np.uint8): "UINT8",
+    np.dtype(np.uint16): "UINT16",
+    np.dtype(np.uint32): "UINT32",
+    np.dtype(np.uint64): "UINT64",
+    np.dtype(np.int8): "INT8",
+    np.dtype(np.int16): "INT16",
+    np.dtype(np.int32): "INT32",
+    np.dtype(np.int64): "INT64",
+    np.dtype(np.float16): "FP16",
+    np.dtype(np.float32): "FP32",
+    np.dtype(np.float64): "FP64",
+}
+
+
+class InvalidInput(ValueError):
+    """A caller's mistake in one input. `field` is the input's name (for the size pair, "height/width";
+    for one reference, "reference_images[i]"); str() is the full message, starting with the field."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What an absent optional input means; differs between distilled and base checkpoints."""
+
+    height: int = DEFAULT_SIZE[1]
+    width: int = DEFAULT_SIZE[0]
+    seed: int = DEFAULT_SEED
+    num_inference_steps: int = DEFAULT_STEPS_DISTILLED
+    guidance_scale: float = DEFAULT_GUIDANCE_DISTILLED
+
+    @classmethod
+    def for_checkpoint(cls, is_distilled: bool) -> "Defaults":
+        if is_distilled:
+            return cls(num_inference_steps=DEFAULT_STEPS_DISTILLED, guidance_scale=DEFAULT_GUIDANCE_DISTILLED)
+        return cls(num_inference_steps=DEFAULT_STEPS_BASE, guidance_scale=DEFAULT_GUIDANCE_BASE)
+
+
+@dataclass
+class Request:
+    """One validated request. `references` are preprocessed uint8 RGB arrays [H, W, 3], sides multiples
+    of 16, in request order: the VAE encoder's input is `2 * (ref.astype(float32) / 255) - 1`."""
+
+    prompt: str
+    width: int
+    height: int
+    seed: int
+    num_inference_steps: int
+    guidance_scale: float
+    references: list[np.ndarray] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+def _describe(array: np.ndarray) -> str:
+    dtype = np.dtype(array.dtype)
+    if dtype == np.object_ or dtype.kind in ("S", "U"):
+        name = "BYTES"
+    else:
+        name = _TRITON_DTYPES.get(dtype, str(dtype))
+    return f"{name} {list(array.shape)}"
+
+
+def _check(name: str, value, expected: str, shape_ok) -> np.ndarray:
+    """`value` as an ndarray of Triton type `expected` whose shape passes `shape_ok`, else InvalidInput."""
+    want = "BYTES [N]" if name == "reference_images" else f"{expected} [1]"
+    if not isinstance(value, np.ndarray):
+        raise InvalidInput(name, f"expected {want}, got {type(value).__name__}")
+    dtype = np.dtype(value.dtype)
+    if expected == "BYTES":
+        type_ok = dtype == np.object_ or dtype.kind in ("S", "U")
+    else:
+        type_ok = _TRITON_DTYPES.get(dtype) == expected
+    if not type_ok or not shape_ok(value.shape):
+        raise InvalidInput(name, f"expected {want}, got {_describe(value)}")
+    return value
+
+
+def _scalar(inputs: Mapping[str, np.ndarray | None], name: str, expected: str):
+    value = inputs.get(name)
+    if value is None:
+        return None
+    return _check(name, value, expected, lambda shape: tuple(shape) == (1,))[0]
+
+
+def _as_bytes(name: str, item) -> bytes:
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return bytes(item)
+    if isinstance(item, str):  # numpy may hand back str for an object array built from text
+        return item.encode("utf-8", "surrogatepass")
+    raise InvalidInput(name, f"expected BYTES, got an element of type {type(item).__name__}")
+
+
+def parse_prompt(value: np.ndarray | None) -> str:
+    if value is None:
+        raise InvalidInput("prompt", "required (BYTES [1], UTF-8 text; may be empty)")
+    item = _check("prompt", value, "BYTES", lambda shape: tuple(shape) == (1,))[0]
+    try:
+        if isinstance(item, str):
+            item.encode("utf-8")  # a str with lone surrogates is no UTF-8 text either
+            return str(item)
+        return _as_bytes("prompt", item).decode("utf-8")
+    except UnicodeError as e:
+        raise InvalidInput("prompt", f"not valid UTF-8 (at {e.start}); send the prompt as UTF-8 text") from None
+
+
+def parse_request(inputs: Mapping[str, np.ndarray | None], defaults: Defaults | None = None) -> Request:
+    """Validate a request's tensors, apply `defaults` (see `Defaults.for_checkpoint`) and decode the
+    reference images. Inputs that are absent may be missing from `inputs` or map to None."""
+    defaults = defaults or Defaults()
+    prompt = parse_prompt(inputs.get("prompt"))
+
+    height = _scalar(inputs, "height", "INT32")
+    width = _scalar(inputs, "width", "INT32")
+    height = defaults.height if height is None else int(height)
+    width = defaults.width if width is None else int(width)
+    if (width, height) not in SIZES:
+        raise InvalidInput(
+            "height/width",
+            f"{width}x{height} (width x height) is not supported; allowed (width x height): {size_names()}",
+        )
+
+    seed = _scalar(inputs, "seed", "INT64")
+    seed = defaults.seed if seed is None else int(seed)
+
+    steps = _scalar(inputs, "num_inference_steps", "INT32")
+    steps = defaults.num_inference_steps if steps is None else int(steps)
+    if not MIN_STEPS <= steps <= MAX_STEPS:
+        raise InvalidInput("num_inference_steps", f"must be {MIN_STEPS}..{MAX_STEPS}, got {steps}")
+
+    guidance = _scalar(inputs, "guidance_scale", "FP32")
+    # float() of the float32 value: exactly what a client that sent FP32 would pass to diffusers.
+    guidance = float(defaults.guidance_scale) if guidance is None else float(guidance)
+    if not math.isfinite(guidance) or guidance < 0:
+        raise InvalidInput("guidance_scale", f"must be a finite number >= 0, got {guidance}")
+
+    references = parse_references(inputs.get("reference_images"))
+    return Request(
+        prompt=prompt, width=width, height=height, seed=seed, num_inference_steps=steps,
+        guidance_scale=guidance, references=references,
+    )
+
+
+def parse_references(value: np.ndarray | None) -> list[np.ndarray]:
+    if value is None:
+        return []
+    _check("reference_images", value, "BYTES", lambda shape: len(shape) == 1)
+    if len(value) > MAX_REFERENCES:
+        raise InvalidInput("reference_images", f"at most {MAX_REFERENCES}, got {len(value)}")
+    return [decode_reference(_as_bytes(f"reference_images[{i}]", item), i) for i, item in enumerate(value)]
+
+
+# ----------------------------------------------------------------------------------------- references
+
+
+def _open_image(data: bytes, name: str):
+    from PIL import Image
+
+    undecodable = InvalidInput(name, "not a decodable PNG, JPEG or WebP image")
+    too_large = f"too large to decode; at most {MAX_DECODE_PIXELS} pixels (e.g. 8192x8192)"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=REFERENCE_FORMATS)
+    except Image.DecompressionBombError:
+        raise InvalidInput(name, too_large) from None
+    except Exception:  # UnidentifiedImageError (another format or none), OSError, SyntaxError, ...
+        raise undecodable from None
+    width, height = image.size
+    if width * height > MAX_DECODE_PIXELS:
+        raise InvalidInput(name, f"{width}x{height} is {too_large}")
+    try:
+        image.load()  # decode now: a truncated or corrupt file fails here, not later
+    except Exception:  # Pillow's decoders raise OSError, SyntaxError, ValueError, struct.error...
+        raise undecodable from None
+    return image
+
+
+def decode_reference(data: bytes, index: int) -> np.ndarray:
+    """Decode one reference image file and preprocess it as `Flux2KleinPipeline.__call__` does:
+    check_image_input's limits, Lanczos resize to 1024*1024 area when larger, sides floored to multiples
+    of 16 by a centre crop, RGB conversion. Returns uint8 [H, W, 3]."""
+    from PIL import Image
+
+    name = f"reference_images[{index}]"
+    if data is None or len(data) == 0:
+        raise InvalidInput(name, "empty; expected an encoded PNG, JPEG or WebP image")
+    image = _open_image(bytes(data), name)
+
+    # Flux2ImageProcessor.check_image_input
+    width, height = image.size
+    if width < REFERENCE_MIN_SIDE or height < REFERENCE_MIN_SIDE:
+        raise InvalidInput(
+            name, f"{width}x{height} is too small; both sides must be at least {REFERENCE_MIN_SIDE} pixels"
+        )
+    if max(width / height, height / width) > REFERENCE_MAX_ASPECT:
+        raise InvalidInput(
+            name,
+            f"{width}x{height} has aspect ratio {max(width / height, height / width):.1f}:1; "
+            f"at most {REFERENCE_MAX_ASPECT}:1 is allowed",
+        )
+
+    # Flux2ImageProcessor._resize_to_target_area, in the decoded mode (Pillow resizes P and 1 images
+    # nearest-neighbour whatever is asked, and LA/RGBA with premultiplied alpha).
+    if width * height > REFERENCE_MAX_AREA:
+        scale = math.sqrt(REFERENCE_MAX_AREA / (width * height))
+        image = image.resize((int(width * scale), int(height * scale)), Image.Resampling.LANCZOS)
+        width, height = image.size
+
+    # Floor to multiples of 16, then VaeImageProcessor.preprocess(resize_mode="crop"), which in
+    # Flux2ImageProcessor is a pure centre crop, followed by convert("RGB").
+    multiple = PIXELS_PER_TOKEN_SIDE
+    crop_w, crop_h = (width // multiple) * multiple, (height // multiple) * multiple
+    left, top = (width - crop_w) // 2, (height - crop_h) // 2
+    image = image.crop((left, top, left + crop_w, top + crop_h))
+    image = image.convert("RGB")
+    array = np.asarray(image, dtype=np.uint8)
+    return np.ascontiguousarray(array)
+
+
+def normalize_reference(reference: np.ndarray) -> np.ndarray:
+    """What the VAE-encoder network does to a preprocessed reference: float32 [H, W, 3] in [-1, 1]."""
+    x = reference.astype(np.float32) / 255.0
+    return 2.0 * x - 1.0
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+
+class PromptTokenizer:
+    """The checkpoint's tokenizer, applied as `Flux2KleinPipeline._get_qwen3_prompt_embeds` applies it:
+    the chat template with one user message, a generation prompt and enable_thinking=False, padded and
+    truncated to 512 tokens."""
+
+    def __init__(self, path: str | Path, max_length: int = TEXT_TOKENS):
+        from transformers import AutoTokenizer
+
+        path = Path(path)
+        if (path / "tokenizer").is_dir():  # a checkpoint root
+            path = path / "tokenizer"
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.max_length = max_length
+
+    def template(self, prompt: str) -> str:
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=False,
+        )
+
+    def encode(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, attention_mask), both int64 [1, 512]."""
+        inputs = self.tokenizer(
+            self.template(prompt),
+            return_tensors="np",
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+        )
+        input_ids = np.asarray(inputs["input_ids"], dtype=np.int64).reshape(1, self.max_length)
+        attention_mask = np.asarray(inputs["attention_mask"], dtype=np.int64).reshape(1, self.max_length)
+        return input_ids, attention_mask

@@ -1,0 +1,505 @@
+"""flux2_klein.sampling against diffusers' own Flux2KleinPipeline and FlowMatchEulerDiscreteScheduler.
+
+The pieces (schedule, noise, ids, Euler step, guidance) must be bit-identical to diffusers; the whole loop,
+run with the tiny checkpoint's torch transformer behind a numpy callable, must give the pipeline's image.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from flux2_klein import sampling
+from flux2_klein.sizes import SIZES, image_tokens, latent_grid
+from flux2_klein.tiny import SCHEDULER_CONFIG, model_index
+
+# The extremes of the 17 sizes, the square default and one in between.
+TEST_SIZES = [(672, 1568), (1568, 672), (1024, 1024), (944, 1104)]
+STEP_COUNTS = [1, 4, 28, 50]
+SEEDS = [0, 42, 2**63 - 1]
+PROMPT = "a red fox in the snow, golden light"
+MAX_PIXEL_DIFF = 2
+
+
+def _scheduler(config):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_config(dict(config))
+
+
+def _diffusers_schedule(config, width, height, steps):
+    """What the klein pipeline's step 6 leaves in its scheduler, built with diffusers' own functions."""
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
+
+    scheduler = _scheduler(config)
+    sigmas = np.linspace(1.0, 1 / steps, steps)
+    mu = compute_empirical_mu(image_seq_len=image_tokens(width, height), num_steps=steps)
+    retrieve_timesteps(scheduler, steps, "cpu", sigmas=sigmas, mu=mu)
+    return scheduler
+
+
+def _ckpt_scheduler_config(ckpt):
+    return json.loads((ckpt / "scheduler" / "scheduler_config.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------------- schedule
+
+
+def test_sizes_cover_extremes():
+    assert all(size in SIZES for size in TEST_SIZES)
+
+
+@pytest.mark.parametrize("steps", STEP_COUNTS)
+@pytest.mark.parametrize("size", TEST_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_schedule_bit_identical(tiny_ckpt, size, steps):
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+    width, height = size
+    config = _ckpt_scheduler_config(tiny_ckpt)  # as saved, with _class_name and _diffusers_version
+    reference = _diffusers_schedule(config, width, height, steps)
+    seq_len = image_tokens(width, height)
+
+    assert sampling.compute_empirical_mu(seq_len, steps) == compute_empirical_mu(seq_len, steps)
+    assert np.array_equal(sampling.base_sigmas(steps), np.linspace(1.0, 1 / steps, steps).astype(np.float32))
+    timesteps, sigmas = sampling.schedule(config, seq_len, steps)
+    assert timesteps.dtype == np.float32 and sigmas.dtype == np.float32
+    assert timesteps.shape == (steps,) and sigmas.shape == (steps + 1,)
+    assert np.array_equal(timesteps, reference.timesteps.numpy())
+    assert np.array_equal(sigmas, reference.sigmas.numpy())
+    assert sigmas[0] == 1.0 and sigmas[-1] == 0.0
+
+    # The DiT's timestep input: `t.expand(B).to(float32) / 1000`, as the loop computes it.
+    for i, t in enumerate(reference.timesteps):
+        for batch in (1, 2):
+            expected = (t.expand(batch).to(torch.float32) / 1000).numpy()
+            assert np.array_equal(sampling.transformer_timestep(timesteps[i], batch), expected)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [{"time_shift_type": "linear"}, {"use_dynamic_shifting": False}, {"use_dynamic_shifting": False, "shift": 1.0}],
+    ids=["linear", "static-shift-3", "static-shift-1"],
+)
+@pytest.mark.parametrize("steps", [1, 4, 28, 50])
+def test_schedule_other_shifts_bit_identical(override, steps):
+    config = {**SCHEDULER_CONFIG, **override}
+    for width, height in TEST_SIZES:
+        reference = _diffusers_schedule(config, width, height, steps)
+        timesteps, sigmas = sampling.schedule(config, image_tokens(width, height), steps)
+        assert np.array_equal(timesteps, reference.timesteps.numpy())
+        assert np.array_equal(sigmas, reference.sigmas.numpy())
+
+
+def test_empirical_mu_long_sequences():
+    """Above 4300 tokens the mu formula switches branch; the 17 sizes all stay below it."""
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+    assert max(image_tokens(w, h) for w, h in SIZES) <= 4300
+    for seq_len in (4300, 4301, 16384):
+        for steps in STEP_COUNTS:
+            assert sampling.compute_empirical_mu(seq_len, steps) == compute_empirical_mu(seq_len, steps)
+
+
+def test_scheduler_defaults_match_diffusers():
+    config = _scheduler({}).config
+    assert set(sampling.SCHEDULER_DEFAULTS) == {k for k in config if not k.startswith("_")}
+    for key, value in sampling.SCHEDULER_DEFAULTS.items():
+        assert config[key] == value, key
+
+
+@pytest.mark.parametrize(
+    "override, error",
+    [
+        ({"shift_terminal": 0.1}, NotImplementedError),
+        ({"use_karras_sigmas": True}, NotImplementedError),
+        ({"use_exponential_sigmas": True}, NotImplementedError),
+        ({"use_beta_sigmas": True}, NotImplementedError),
+        ({"invert_sigmas": True}, NotImplementedError),
+        ({"stochastic_sampling": True}, NotImplementedError),
+        ({"use_flow_sigmas": True}, NotImplementedError),
+        ({"time_shift_type": "cosine"}, ValueError),
+        ({"some_future_option": 1}, ValueError),
+        ({"_class_name": "EulerDiscreteScheduler"}, ValueError),
+    ],
+)
+def test_unsupported_scheduler_options_raise(override, error):
+    config = {**SCHEDULER_CONFIG, **override}
+    with pytest.raises(error):
+        sampling.schedule(config, 4096, 4)
+    with pytest.raises(error):
+        sampling.Sampler(transformer=lambda *a: None, scheduler_config=config, is_distilled=True, channels=32)
+
+
+def test_falsy_unsupported_options_accepted():
+    config = {**SCHEDULER_CONFIG, "shift_terminal": None, "use_flow_sigmas": False, "_class_name": None}
+    sampling.schedule(config, 4096, 4)
+
+
+# -------------------------------------------------------------------------------------------------- noise
+
+
+@pytest.mark.parametrize("channels", [32, 128])  # the tiny DiT's and the real klein's packed channels
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("size", TEST_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_initial_noise_and_latent_ids_bit_identical(tiny_pipe, size, seed, channels):
+    width, height = size
+    latents, ids = tiny_pipe.prepare_latents(
+        batch_size=1, num_latents_channels=channels // 4, height=height, width=width, dtype=torch.float32,
+        device=torch.device("cpu"), generator=torch.Generator("cpu").manual_seed(seed),
+    )
+    noise = sampling.initial_noise(width, height, channels, seed)
+    assert noise.dtype == np.float32 and noise.flags.c_contiguous
+    assert noise.shape == (image_tokens(width, height), channels)
+    assert np.array_equal(noise, latents[0].numpy())
+    assert sampling.latent_ids(width, height).dtype == np.int64
+    assert np.array_equal(sampling.latent_ids(width, height), ids[0].numpy())
+
+
+def test_noise_depends_on_seed():
+    a = sampling.initial_noise(1024, 1024, 32, 0)
+    b = sampling.initial_noise(1024, 1024, 32, 1)
+    assert not np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("size", TEST_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_tokens_to_grid_matches_unpack(tiny_pipe, size):
+    width, height = size
+    rows, cols = latent_grid(width, height)
+    tokens = np.random.default_rng(0).standard_normal((rows * cols, 32)).astype(np.float32)
+    ids = torch.from_numpy(sampling.latent_ids(width, height))[None]
+    unpacked = tiny_pipe._unpack_latents_with_ids(torch.from_numpy(tokens)[None], ids, rows, cols)  # [1,C,h,w]
+    grid = sampling.tokens_to_grid(tokens, width, height)
+    assert grid.shape == (rows, cols, 32)
+    assert np.array_equal(grid, unpacked[0].permute(1, 2, 0).numpy())
+    # and packing a channel-first grid is the pipeline's _pack_latents
+    chw = unpacked[0].numpy()
+    assert np.array_equal(sampling.pack_latents(chw), tiny_pipe._pack_latents(unpacked)[0].numpy())
+
+
+# ---------------------------------------------------------------------------------------------------- ids
+
+
+@pytest.mark.parametrize(
+    "grids",
+    [[], [(64, 64)], [(16, 16), (42, 98), (4, 4)], [(98, 42), (8, 128), (128, 8), (64, 64)]],
+    ids=["none", "one", "three", "four"],
+)
+def test_reference_ids_bit_identical(tiny_pipe, grids):
+    ids = sampling.reference_ids(grids)
+    assert ids.dtype == np.int64 and ids.shape == (sum(r * c for r, c in grids), 4)
+    if not grids:
+        return
+    latents = [torch.zeros(1, 32, r, c) for r, c in grids]
+    assert np.array_equal(ids, tiny_pipe._prepare_image_ids(latents)[0].numpy())
+    assert sorted(set(ids[:, 0].tolist())) == [10 + 10 * i for i in range(len(grids))]
+
+
+def test_text_ids_bit_identical(tiny_pipe):
+    ids = sampling.text_ids()
+    assert ids.dtype == np.int64 and ids.shape == (512, 4)
+    assert np.array_equal(ids, tiny_pipe._prepare_text_ids(torch.zeros(1, 512, 48))[0].numpy())
+    _, pipe_text_ids = tiny_pipe.encode_prompt(PROMPT, device="cpu")
+    assert np.array_equal(ids, pipe_text_ids[0].numpy())
+
+
+# ------------------------------------------------------------------------------------- step and guidance
+
+
+@pytest.mark.parametrize("steps", STEP_COUNTS)
+@pytest.mark.parametrize("size", [(672, 1568), (1024, 1024)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_euler_steps_bit_identical(size, steps):
+    """A whole schedule of scheduler.step calls with random velocities, as the pipeline loop makes them."""
+    width, height = size
+    scheduler = _diffusers_schedule(SCHEDULER_CONFIG, width, height, steps)
+    scheduler.set_begin_index(0)
+    _, sigmas = sampling.schedule(SCHEDULER_CONFIG, image_tokens(width, height), steps)
+    rng = np.random.default_rng(steps)
+    ours = sampling.initial_noise(width, height, 32, seed=steps)
+    theirs = torch.from_numpy(ours.copy())[None]
+    for i, t in enumerate(scheduler.timesteps):
+        velocity = (rng.standard_normal(ours.shape) * 3).astype(np.float32)
+        theirs = scheduler.step(torch.from_numpy(velocity)[None], t, theirs, return_dict=False)[0]
+        ours = sampling.euler_step(ours, velocity, sigmas[i], sigmas[i + 1])
+        assert ours.dtype == np.float32
+        assert np.array_equal(ours, theirs[0].numpy()), f"step {i}"
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.5, 3.3, 4.0, 7.77])
+def test_cfg_combine_bit_identical(scale):
+    rng = np.random.default_rng(1)
+    cond, uncond = (rng.standard_normal((2, 4096, 32)) * 2).astype(np.float32)
+    c, u = torch.from_numpy(cond)[None], torch.from_numpy(uncond)[None]
+    expected = (u + scale * (c - u))[0].numpy()  # the pipeline's expression
+    got = sampling.cfg_combine(cond, uncond, scale)
+    assert got.dtype == np.float32
+    assert np.array_equal(got, expected)
+
+
+def test_use_cfg_follows_pipeline(tiny_pipe):
+    for distilled in (True, False):
+        for scale in (0.0, 1.0, 1.0001, 4.0):
+            tiny_pipe._guidance_scale = scale
+            with _is_distilled(tiny_pipe, distilled):
+                assert sampling.use_cfg(distilled, scale) == tiny_pipe.do_classifier_free_guidance
+
+
+class _is_distilled:
+    def __init__(self, pipe, value):
+        self.pipe, self.value = pipe, value
+
+    def __enter__(self):
+        self.old = self.pipe.config.is_distilled
+        self.pipe.register_to_config(is_distilled=self.value)
+
+    def __exit__(self, *exc):
+        self.pipe.register_to_config(is_distilled=self.old)
+
+
+# -------------------------------------------------------------------------------------------- end to end
+
+
+class TorchTransformer:
+    """The DiT interface over a diffusers Flux2Transformer2DModel: numpy in, numpy out, calls recorded."""
+
+    def __init__(self, module):
+        self.module = module
+        self.calls = []
+
+    def __call__(self, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids):
+        assert hidden_states.dtype == np.float32 and encoder_hidden_states.dtype == np.float32
+        assert timestep.dtype == np.float32 and timestep.shape == (hidden_states.shape[0],)
+        assert img_ids.dtype == np.int64 and img_ids.shape == (hidden_states.shape[1], 4)
+        assert txt_ids.dtype == np.int64 and txt_ids.shape == (512, 4)
+        self.calls.append(
+            dict(hidden_states=hidden_states.copy(), timestep=timestep.copy(), img_ids=img_ids.copy(),
+                 txt_ids=txt_ids.copy(), batch=hidden_states.shape[0])
+        )
+        with torch.no_grad():
+            out = self.module(
+                hidden_states=torch.from_numpy(hidden_states),
+                encoder_hidden_states=torch.from_numpy(encoder_hidden_states),
+                timestep=torch.from_numpy(timestep), img_ids=torch.from_numpy(img_ids),
+                txt_ids=torch.from_numpy(txt_ids), guidance=None, return_dict=False,
+            )[0]
+        return out.numpy()
+
+
+def _record_transformer_inputs(pipe, calls: list):
+    """Record what the pipeline itself feeds its transformer, call by call (a removable forward pre-hook)."""
+
+    def hook(_module, _args, kwargs):
+        calls.append({k: v.detach().clone() for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+
+    return pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _decode(pipe, latents_hwc):
+    """The pipeline's own decode path from our [h, w, C] latents: bn de-norm, unpatchify, VAE, postprocess."""
+    latents = torch.from_numpy(latents_hwc).permute(2, 0, 1)[None]
+    mean = pipe.vae.bn.running_mean.view(1, -1, 1, 1)
+    std = torch.sqrt(pipe.vae.bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps)
+    latents = pipe._unpatchify_latents(latents * std + mean)
+    with torch.no_grad():
+        image = pipe.vae.decode(latents, return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type="pil")[0]
+
+
+def _run_pipeline(pipe, **kwargs):
+    """The oracle: the pipeline's image, its final packed latents [h*w, C] and its transformer calls."""
+    calls, final = [], {}
+
+    def grab(_pipe, i, t, callback_kwargs):
+        final["latents"] = callback_kwargs["latents"][0].clone()
+        return {}
+
+    handle = _record_transformer_inputs(pipe, calls)
+    try:
+        image = pipe(
+            prompt=PROMPT, num_inference_steps=4, output_type="pil", callback_on_step_end=grab,
+            callback_on_step_end_tensor_inputs=["latents"], **kwargs,
+        ).images[0]
+    finally:
+        handle.remove()
+    return image, final["latents"].numpy(), calls
+
+
+def _pixel_diff(a, b) -> int:
+    a, b = np.asarray(a, dtype=np.int16), np.asarray(b, dtype=np.int16)
+    assert a.shape == b.shape
+    return int(np.abs(a - b).max())
+
+
+def _assert_same_inputs(ours, theirs, n_noise, cfg=False):
+    """Our calls carry the pipeline's timesteps, ids and (for batch 1) exactly its hidden states."""
+    assert len(theirs) == len(ours) * (2 if cfg else 1)
+    for i, call in enumerate(ours):
+        pipe_call = theirs[2 * i if cfg else i]
+        assert np.array_equal(call["timestep"][:1], pipe_call["timestep"].numpy())
+        assert np.array_equal(call["img_ids"], pipe_call["img_ids"][0].numpy())
+        assert np.array_equal(call["txt_ids"], pipe_call["txt_ids"][0].numpy())
+        their_hidden = pipe_call["hidden_states"][0].numpy()
+        if not cfg:  # batch 1 throughout: every step is bit-identical
+            assert np.array_equal(call["hidden_states"][0], their_hidden), f"step {i}"
+        else:
+            assert np.array_equal(call["hidden_states"][0], call["hidden_states"][1])
+            np.testing.assert_allclose(call["hidden_states"][0], their_hidden, rtol=0, atol=1e-4)
+        assert np.array_equal(call["hidden_states"][0, n_noise:], their_hidden[n_noise:])  # references
+
+
+@pytest.mark.parametrize("size, seed", [((1024, 1024), 0), ((1568, 672), 7)], ids=["1024x1024", "1568x672"])
+def test_end_to_end_distilled(tiny_pipe, tiny_ckpt, size, seed):
+    width, height = size
+    pipe_image, pipe_latents, pipe_calls = _run_pipeline(
+        tiny_pipe, width=width, height=height, guidance_scale=1.0,
+        generator=torch.Generator("cpu").manual_seed(seed),
+    )
+    with torch.no_grad():
+        prompt_embeds, _ = tiny_pipe.encode_prompt(PROMPT, device="cpu")
+    dit = TorchTransformer(tiny_pipe.transformer)
+    sampler = sampling.Sampler(
+        transformer=dit, scheduler_config=_ckpt_scheduler_config(tiny_ckpt),
+        is_distilled=model_index(tiny_ckpt)["is_distilled"], channels=tiny_pipe.transformer.config.in_channels,
+    )
+    latents = sampler(prompt_embeds.numpy(), width=width, height=height, seed=seed, num_steps=4)
+
+    rows, cols = latent_grid(width, height)
+    assert latents.dtype == np.float32 and latents.shape == (rows, cols, 32)
+    assert [c["batch"] for c in dit.calls] == [1] * 4
+    _assert_same_inputs(dit.calls, pipe_calls, rows * cols)
+    latent_diff = float(np.abs(latents.reshape(rows * cols, -1) - pipe_latents).max())
+    pixel_diff = _pixel_diff(_decode(tiny_pipe, latents), pipe_image)
+    print(f"\ndistilled {width}x{height} seed {seed}: max latent diff {latent_diff}, max pixel diff {pixel_diff}")
+    assert latent_diff == 0.0, f"max latent diff {latent_diff}"
+    assert pixel_diff <= MAX_PIXEL_DIFF, f"max pixel diff {pixel_diff} (latents differ by {latent_diff})"
+
+    # guidance_scale is ignored for distilled checkpoints, as in the pipeline (one step is enough to see it)
+    assert not sampler.do_cfg(4.0)
+    one_step = dict(width=width, height=height, seed=seed, num_steps=1)
+    guided = sampler(prompt_embeds.numpy(), guidance_scale=4.0, **one_step)
+    assert np.array_equal(guided, sampler(prompt_embeds.numpy(), guidance_scale=1.0, **one_step))
+
+
+def test_end_to_end_with_reference(tiny_pipe, tiny_ckpt):
+    from PIL import Image
+
+    width, height, seed = 672, 1568, 3
+    ref_w, ref_h = 320, 240  # already a multiple of 16 under 1 MP: the pipeline keeps it as it is
+    rng = np.random.default_rng(5)
+    gradient = np.linspace(0, 255, ref_w)[None, :, None] * np.array([1.0, 0.5, 0.2])
+    pixels = np.clip(gradient + rng.integers(0, 60, (ref_h, ref_w, 3)), 0, 255).astype(np.uint8)
+    reference_image = Image.fromarray(pixels)
+
+    pipe_image, pipe_latents, pipe_calls = _run_pipeline(
+        tiny_pipe, image=reference_image, width=width, height=height, guidance_scale=1.0,
+        generator=torch.Generator("cpu").manual_seed(seed),
+    )
+    with torch.no_grad():
+        prompt_embeds, _ = tiny_pipe.encode_prompt(PROMPT, device="cpu")
+        processed = tiny_pipe.image_processor.preprocess(
+            reference_image, height=ref_h, width=ref_w, resize_mode="crop"
+        )
+        ref_tokens, _ = tiny_pipe.prepare_image_latents(
+            images=[processed], batch_size=1, generator=None, device="cpu", dtype=torch.float32
+        )
+    ref_grid = latent_grid(ref_w, ref_h)
+    ref_tokens = ref_tokens[0].numpy()
+    assert ref_tokens.shape == (ref_grid[0] * ref_grid[1], 32)
+
+    dit = TorchTransformer(tiny_pipe.transformer)
+    latents = sampling.sample(
+        dit, prompt_embeds.numpy(), width=width, height=height, seed=seed, num_steps=4,
+        scheduler_config=_ckpt_scheduler_config(tiny_ckpt), channels=32,
+        references=[ref_tokens], reference_grids=[ref_grid],
+    )
+    rows, cols = latent_grid(width, height)
+    assert dit.calls[0]["hidden_states"].shape == (1, rows * cols + ref_grid[0] * ref_grid[1], 32)
+    _assert_same_inputs(dit.calls, pipe_calls, rows * cols)
+    latent_diff = float(np.abs(latents.reshape(rows * cols, -1) - pipe_latents).max())
+    pixel_diff = _pixel_diff(_decode(tiny_pipe, latents), pipe_image)
+    print(f"\nreference {width}x{height}: max latent diff {latent_diff}, max pixel diff {pixel_diff}")
+    assert latent_diff == 0.0, f"max latent diff {latent_diff}"
+    assert pixel_diff <= MAX_PIXEL_DIFF, f"max pixel diff {pixel_diff} (latents differ by {latent_diff})"
+
+    # The same reference given as a [h, w, C] grid carries its own shape.
+    as_grid = sampling.sample(
+        TorchTransformer(tiny_pipe.transformer), prompt_embeds.numpy(), width=width, height=height, seed=seed,
+        num_steps=4, scheduler_config=_ckpt_scheduler_config(tiny_ckpt), channels=32,
+        references=[ref_tokens.reshape(*ref_grid, 32)],
+    )
+    assert np.array_equal(as_grid, latents)
+    # The reference matters: without it the picture is different.
+    without = sampling.sample(
+        TorchTransformer(tiny_pipe.transformer), prompt_embeds.numpy(), width=width, height=height, seed=seed,
+        num_steps=4, scheduler_config=_ckpt_scheduler_config(tiny_ckpt), channels=32,
+    )
+    assert not np.allclose(without, latents)
+
+
+@pytest.fixture(scope="module")
+def tiny_base_pipe(tiny_base_ckpt):
+    from diffusers import Flux2KleinPipeline
+
+    pipe = Flux2KleinPipeline.from_pretrained(tiny_base_ckpt, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_end_to_end_base_cfg(tiny_base_pipe, tiny_base_ckpt):
+    width, height, seed, scale = 1024, 1024, 11, 4.0
+    pipe = tiny_base_pipe
+    is_distilled = model_index(tiny_base_ckpt)["is_distilled"]
+    assert is_distilled is False and sampling.use_cfg(is_distilled, scale)
+
+    pipe_image, pipe_latents, pipe_calls = _run_pipeline(
+        pipe, width=width, height=height, guidance_scale=scale,
+        generator=torch.Generator("cpu").manual_seed(seed),
+    )
+    with torch.no_grad():
+        prompt_embeds, _ = pipe.encode_prompt(PROMPT, device="cpu")
+        negative_embeds, _ = pipe.encode_prompt("", device="cpu")
+    dit = TorchTransformer(pipe.transformer)
+    sampler = sampling.Sampler(
+        transformer=dit, scheduler_config=_ckpt_scheduler_config(tiny_base_ckpt), is_distilled=is_distilled,
+        channels=pipe.transformer.config.in_channels,
+    )
+    latents = sampler(
+        prompt_embeds.numpy(), negative_prompt_embeds=negative_embeds.numpy(), width=width, height=height,
+        seed=seed, num_steps=4, guidance_scale=scale,
+    )
+    rows, cols = latent_grid(width, height)
+    assert [c["batch"] for c in dit.calls] == [2] * 4  # one batched call per step, not two
+    _assert_same_inputs(dit.calls, pipe_calls, rows * cols, cfg=True)
+    latents = latents.reshape(rows * cols, -1)
+    latent_diff = float(np.abs(latents - pipe_latents).max())
+    relative = latent_diff / float(np.abs(pipe_latents).max())
+    pixel_diff = _pixel_diff(_decode(pipe, latents.reshape(rows, cols, -1)), pipe_image)
+    print(
+        f"\nbase CFG {scale} {width}x{height}: max latent diff {latent_diff} ({relative:.2e} of max |latent|), "
+        f"max pixel diff {pixel_diff}"
+    )
+    # Batch 2 against the pipeline's two batch-1 calls: the DiT's matmuls round differently per batch size.
+    assert relative < 1e-3, f"max latent diff {latent_diff} ({relative:.2e} relative)"
+    assert pixel_diff <= MAX_PIXEL_DIFF, f"max pixel diff {pixel_diff} (latents differ by {latent_diff})"
+
+    # With the DiT run one batch row at a time (as the pipeline runs it), the guidance and Euler math is
+    # bit-identical: the whole difference above is batched-matmul rounding, not the sampler.
+    def per_row(hidden, embeds, timestep, img_ids, txt_ids):
+        rows_out = [dit(hidden[k : k + 1], embeds[k : k + 1], timestep[k : k + 1], img_ids, txt_ids) for k in range(2)]
+        return np.concatenate(rows_out)
+
+    split = sampling.Sampler(
+        transformer=per_row, scheduler_config=sampler.scheduler_config, is_distilled=False, channels=sampler.channels
+    )
+    split_latents = split(
+        prompt_embeds.numpy(), negative_prompt_embeds=negative_embeds.numpy(), width=width, height=height,
+        seed=seed, num_steps=4, guidance_scale=scale,
+    )
+    split_diff = float(np.abs(split_latents.reshape(rows * cols, -1) - pipe_latents).max())
+    print(f"base CFG, DiT called per batch row: max latent diff {split_diff}")
+    assert split_diff == 0.0, f"max latent diff {split_diff} with the DiT called per batch row"
+
+    with pytest.raises(ValueError, match="negative_prompt_embeds"):
+        sampler(prompt_embeds.numpy(), width=width, height=height, seed=seed, num_steps=1, guidance_scale=scale)

@@ -1,0 +1,109 @@
+"""The specs' shape ranges cover everything the API accepts: all 17 sizes, 0-4 references."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from flux2_klein.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from flux2_klein.sizes import (
+    MAX_REFERENCES, REFERENCE_MAX_SIDE, REFERENCE_MIN_SIDE, SIZES, image_tokens, latent_grid,
+    reference_token_bounds,
+)
+from flux2_klein.specs import network_specs
+
+FULL_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "configs" / "flux2-klein-4b.json"
+
+
+def full_size_checkpoint() -> Checkpoint:
+    """The real 4B geometry, from the shared config file when present, else its numbers."""
+    cfg = json.loads(FULL_CONFIG.read_text()) if FULL_CONFIG.exists() else None
+    if cfg is None:
+        pytest.skip(f"{FULL_CONFIG} not found")
+    return Checkpoint(
+        path=Path("4b"), model_index={"is_distilled": True}, transformer=cfg["transformer"], vae=cfg["vae"],
+        text_encoder=cfg["text_encoder"], scheduler={},
+    )
+
+
+@pytest.fixture(params=["tiny", "4b"])
+def specs(request, tiny_ckpt):
+    ckpt = load_checkpoint(tiny_ckpt) if request.param == "tiny" else full_size_checkpoint()
+    return network_specs(ckpt)
+
+
+def test_the_17_sizes():
+    assert len(SIZES) == 17 and len(set(SIZES)) == 17
+    assert all(w % 16 == 0 and h % 16 == 0 for w, h in SIZES)
+    tokens = [image_tokens(w, h) for w, h in SIZES]
+    assert (min(tokens), max(tokens)) == (4042, 4150)
+    assert image_tokens(1024, 1024) == 4096
+
+
+def test_every_request_falls_inside_a_transformer_profile(specs):
+    spec = specs["transformer"]
+    ref_lo, ref_hi = reference_token_bounds()
+    for (w, h), n in itertools.product(SIZES, range(MAX_REFERENCES + 1)):
+        for ref_tokens in {n * ref_lo, n * ref_hi, n * (ref_lo + ref_hi) // 2}:
+            for batch in (1, 2):
+                tokens = image_tokens(w, h) + ref_tokens
+                assert spec.profile_for(batch=batch, tokens=tokens) is not None, (w, h, n, ref_tokens, batch)
+    # The opt shapes are the common case: 1024x1024 text-to-image picks the narrow t2i profile.
+    t2i = spec.profile_for(batch=1, tokens=4096)
+    assert t2i.name == "t2i" and t2i.dims["tokens"][1] == 4096 and t2i.dims["batch"][1] == 1
+
+
+def test_every_size_falls_inside_the_vae_decoder_profile(specs):
+    (profile,) = specs["vae_decoder"].profiles
+    for w, h in SIZES:
+        rows, cols = latent_grid(w, h)
+        assert profile.covers(rows=rows, cols=cols), (w, h)
+    assert profile.dims["rows"][1] == profile.dims["cols"][1] == 64
+
+
+def test_every_reference_falls_inside_the_vae_encoder_profile(specs):
+    (profile,) = specs["vae_encoder"].profiles
+    lo, hi = REFERENCE_MIN_SIDE, REFERENCE_MAX_SIDE
+    for w, h in [(lo, lo), (hi, 352), (352, hi), (1024, 1024), (lo, lo * 8)]:
+        assert profile.covers(height=h, width=w), (w, h)
+    assert hi == 2896  # 8:1 at one megapixel
+
+
+def test_a_size_outside_the_profiles_is_detected(specs):
+    spec = specs["transformer"]
+    assert spec.profile_for(batch=1, tokens=4041) is None  # smaller than every supported size
+    assert spec.profile_for(batch=3, tokens=4096) is None
+    assert not specs["vae_decoder"].profiles[0].covers(rows=41, cols=64)
+
+
+def test_real_geometry_widths():
+    specs = network_specs(full_size_checkpoint())
+    assert specs["text_encoder"].outputs[0].shape == ("batch", 512, 7680)
+    assert specs["transformer"].inputs[0].shape == ("batch", "tokens", 128)
+    assert specs["transformer"].inputs[1].shape == ("batch", 512, 7680)
+    assert specs["vae_decoder"].inputs[0].shape == ("rows", "cols", 128)
+
+
+def test_bad_checkpoints_name_what_is_wrong(tiny_ckpt, tmp_path):
+    import shutil
+
+    with pytest.raises(CheckpointError, match="not a directory"):
+        load_checkpoint(tmp_path / "nothing")
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_ckpt, bad)
+    shutil.rmtree(bad / "vae")
+    with pytest.raises(CheckpointError, match="vae: folder .* is missing"):
+        load_checkpoint(bad)
+    shutil.copytree(tiny_ckpt / "vae", bad / "vae")
+    index = json.loads((bad / "model_index.json").read_text())
+    index["transformer"] = ["diffusers", "FluxTransformer2DModel"]
+    (bad / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="transformer: class 'FluxTransformer2DModel', expected Flux2Transformer2DModel"):
+        load_checkpoint(bad)
+    index["_class_name"] = "FluxPipeline"
+    (bad / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="expected 'Flux2KleinPipeline'"):
+        load_checkpoint(bad)
