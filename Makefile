@@ -1,5 +1,8 @@
 # Each target installs what it needs into .venv by itself.
 VENV   ?= .venv
+# The Triton bundled with nvidia-pytriton embeds Debian's libpython3.11 in its Python-backend stub; a
+# venv on that same interpreter gives the stub a standard library that matches it.
+PYTHON ?= $(shell test -x /usr/bin/python3.11 && echo /usr/bin/python3.11 || echo python3)
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo
@@ -10,17 +13,16 @@ PYTEST_ARGS ?=
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	python3 -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch first (on disk on our machines): an unpinned torch pulls a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# Tiny checkpoint -> ONNX export of every network (serving is added on top of this).
+# Tiny checkpoint -> build the repository -> serve on a real Triton -> generate $(DEMO)/flux2-klein.png.
 demo: setup
-	$(VENV)/bin/flux2-klein tiny --out $(DEMO)/checkpoint
-	$(VENV)/bin/flux2-klein export onnx --checkpoint $(DEMO)/checkpoint --out $(DEMO)/onnx
+	$(PY) -m flux2_klein.demo $(DEMO)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -24,6 +24,9 @@ from . import wrappers
 log = logging.getLogger(__name__)
 
 OPSET = 18
+# ONNX allows bfloat16 convolutions from opset 22 on: the VAE graphs in bf16 need it to be valid ONNX
+# (TensorRT parses either; other tools check types).
+OPSET_BF16 = 22
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROTOBUF_LIMIT = 2**31 - 1
 # Example sizes for tracing: batch 2 and uneven sides so that no dynamic dimension is traced at 1
@@ -80,9 +83,9 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def export_network(ckpt: Checkpoint, spec: NetworkSpec, out_dir: Path, dtype: str = "fp32") -> Path:
-    """Export one network to out_dir/<name>/model.onnx and write model.json beside it."""
-    target = Path(out_dir) / spec.name
+def export_network(ckpt: Checkpoint, spec: NetworkSpec, target: Path, dtype: str = "fp32") -> Path:
+    """Export one network to target/model.onnx and write model.json beside it."""
+    target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     onnx_path = target / "model.onnx"
     with step(f"{spec.name}: load weights ({dtype})"):
@@ -90,9 +93,10 @@ def export_network(ckpt: Checkpoint, spec: NetworkSpec, out_dir: Path, dtype: st
     rng = np.random.default_rng(0)
     example = example_inputs(spec, rng, batch=2, size=TRACE_SIZE, references=TRACE_REFERENCES)
     args = tuple(torch.from_numpy(example[n]) for n in spec.input_names)
-    with step(f"{spec.name}: trace and convert to ONNX opset {OPSET}"), torch.no_grad():
+    opset = OPSET_BF16 if dtype == "bf16" else OPSET
+    with step(f"{spec.name}: trace and convert to ONNX opset {opset}"), torch.no_grad():
         program = torch.onnx.export(
-            module, args, dynamo=True, opset_version=OPSET, input_names=spec.input_names,
+            module, args, dynamo=True, opset_version=opset, input_names=spec.input_names,
             output_names=spec.output_names, dynamic_shapes=dynamic_shapes(spec), optimize=True,
             verbose=False,
         )
@@ -110,7 +114,7 @@ def export_network(ckpt: Checkpoint, spec: NetworkSpec, out_dir: Path, dtype: st
         "network": spec.name,
         "checkpoint": str(ckpt.path),
         "dtype": dtype,
-        "opset": OPSET,
+        "opset": opset,
         "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in spec.inputs],
         "outputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in spec.outputs],
         "profiles": [{"name": p.name, "dims": p.dims} for p in spec.profiles],
@@ -132,7 +136,7 @@ def _infer_shapes(path: Path) -> None:
     import onnx
 
     # The path variant works above 2 GB, where the in-memory one cannot serialise the model.
-    onnx.shape_inference.infer_shapes_path(str(path), str(path), check_type=False, strict_mode=False,
+    onnx.shape_inference.infer_shapes_path(str(path), str(path), check_type=True, strict_mode=False,
                                            data_prop=True)
 
 
@@ -147,5 +151,5 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32"
     specs = network_specs(ckpt)
     out = {}
     for name in networks:
-        out[name] = export_network(ckpt, specs[name], Path(out_dir), dtype)
+        out[name] = export_network(ckpt, specs[name], Path(out_dir) / name, dtype)
     return out

@@ -30,6 +30,23 @@ def _export_onnx(args) -> int:
     return 0
 
 
+def _build(args) -> int:
+    from .repository import build_repository
+
+    build_repository(args.checkpoint, args.out, runtime=args.runtime, dtype=args.dtype,
+                     onnx_dir=args.onnx or None)
+    return 0
+
+
+def _serve(args) -> int:
+    from .server import serve
+
+    code = serve(args.repository, args.http_port, args.grpc_port, args.metrics_port)
+    if code not in (0, -15):
+        log.error("tritonserver exited with status %d (its log above says why)", code)
+    return 0 if code in (0, -15) else (code if code > 0 else 1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flux2-klein", description="Serve FLUX.2 [klein] on NVIDIA Triton.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -55,6 +72,27 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--networks", default="",
                    help="comma-separated subset of text_encoder,transformer,vae_decoder,vae_encoder")
     o.set_defaults(func=_export_onnx)
+
+    b = sub.add_parser("build", help="export and assemble a ready Triton model repository")
+    b.add_argument("--checkpoint", required=True, help="checkpoint in diffusers layout")
+    b.add_argument("--out", required=True, help="the model repository to write")
+    b.add_argument("--runtime", choices=("onnxruntime",), default="onnxruntime",
+                   help="what runs the leaf networks (default onnxruntime: Python models, CPU)")
+    b.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="compute precision inside the graphs (default fp32)")
+    b.add_argument("--onnx", default="", help="reuse graphs already written by `export onnx` to this folder")
+    b.set_defaults(func=_build)
+
+    s = sub.add_parser("serve", help="run Triton Inference Server on a repository, in the foreground")
+    s.add_argument("--repository", required=True, help="a repository written by `flux2-klein build`")
+    s.add_argument("--http-port", type=int, default=8000)
+    s.add_argument("--grpc-port", type=int, default=8001)
+    s.add_argument("--metrics-port", type=int, default=8002)
+    s.set_defaults(func=_serve)
+
+    from .client.generate import add_generate_parser
+
+    add_generate_parser(sub)
     return p
 
 

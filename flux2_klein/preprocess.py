@@ -329,3 +329,29 @@ class PromptTokenizer:
         input_ids = np.asarray(inputs["input_ids"], dtype=np.int64).reshape(1, self.max_length)
         attention_mask = np.asarray(inputs["attention_mask"], dtype=np.int64).reshape(1, self.max_length)
         return input_ids, attention_mask
+
+
+# ---------------------------------------------------------------------- between preprocess and sampler
+
+
+def pack_references(references: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """A variable number of differently sized images as two tensors a Triton ensemble can carry:
+    every image's bytes end to end (uint8 [total]) and their (height, width) (int32 [n, 2])."""
+    shapes = np.array([r.shape[:2] for r in references], dtype=np.int32).reshape(len(references), 2)
+    pixels = (np.concatenate([r.reshape(-1) for r in references]) if references
+              else np.zeros((0,), dtype=np.uint8))
+    return pixels, shapes
+
+
+def unpack_references(pixels: np.ndarray, shapes: np.ndarray) -> list[np.ndarray]:
+    """Inverse of `pack_references`: views into `pixels`, uint8 [H, W, 3] each."""
+    out, start = [], 0
+    for height, width in np.asarray(shapes).reshape(-1, 2):
+        n = int(height) * int(width) * 3
+        if start + n > pixels.size:
+            raise ValueError(f"reference_pixels: {pixels.size} bytes, shapes need more than {start + n}")
+        out.append(pixels[start:start + n].reshape(int(height), int(width), 3))
+        start += n
+    if start != pixels.size:
+        raise ValueError(f"reference_pixels: {pixels.size} bytes, shapes account for {start}")
+    return out

@@ -1,4 +1,4 @@
-"""The sampler's math: FLUX.2 [klein]'s denoising loop as plain numpy, with no transport in it.
+"""The sampler's math: FLUX.2 [klein]'s denoising loop in torch on one device, with no transport in it.
 
 The Triton "sampler" model wraps this module; the DiT and the VAE live in other models and are reached
 through callables. Everything here reproduces diffusers' `Flux2KleinPipeline.__call__` (v0.42.1) and the
@@ -7,14 +7,20 @@ schedule, the initial noise, the position ids, the Euler update and the guidance
 difference from the pipeline is that classifier-free guidance runs the transformer once with a batch of
 two (conditional, unconditional) rather than twice with a batch of one.
 
-Shapes at the boundary (all numpy, float32 unless said otherwise; h, w = `latent_grid(width, height)`):
+The loop (`sample`, `Sampler`) keeps its state - latents, reference tokens, text embeddings, ids, timesteps,
+sigmas - as torch tensors on one `device`, so that on a GPU nothing leaves it between the sampler and the
+DiT (the Triton glue passes the tensors on by DLPack). Every per-step operation is the torch operation the
+pipeline itself runs, on the same device, so the results are the pipeline's on that device too (this
+matters: on CUDA `t / 1000` is computed as `t * (1 / 1000)`, on the CPU as a true division). The small
+helpers that build the schedule, the ids and the noise stay numpy (float32 / int64), bit-identical to the
+pipeline's CPU tensors; the loop converts their results to the device once per request.
+
+Shapes at the boundary (float32 unless said otherwise; h, w = `latent_grid(width, height)`):
   noise / latent tokens   [h*w, C]       C = transformer in_channels (128 for the real klein, 32 tiny)
   reference tokens        [h_i*w_i, C]   per reference image, as `prepare_image_latents` packs them
   prompt embeds           [1, 512, D]    (or [512, D])
   final latents           [h, w, C]      the packed tokens reshaped row-major onto the token grid
   position ids            int64 [N, 4]   (t, row, col, l)
-
-torch is imported only where the pipeline's own random number generator must be reproduced exactly.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+import torch
 
 from flux2_klein.sizes import TEXT_TOKENS, latent_grid
 
@@ -173,6 +180,28 @@ def transformer_timestep(t: np.float32 | float, batch: int) -> np.ndarray:
     return np.full((batch,), t, dtype=np.float32) / TRANSFORMER_TIMESTEP_DIVISOR
 
 
+def transformer_timesteps(timesteps: torch.Tensor, batch: int) -> torch.Tensor:
+    """Every step's DiT `timestep` input at once: float32 [steps, batch], row i for step i.
+
+    `timesteps` is the float32 schedule on the loop's device. The pipeline computes
+    `t.expand(B).to(float32) / 1000` with the scheduler's t on its device; this is the same elementwise
+    torch division by the literal 1000 on the same device, so it gives the pipeline's bits there too
+    (CUDA divides by a scalar as a multiplication by its float32 reciprocal, the CPU divides exactly).
+    """
+    timesteps = timesteps.to(torch.float32)
+    return timesteps[:, None].expand(timesteps.shape[0], batch) / int(TRANSFORMER_TIMESTEP_DIVISOR)
+
+
+def step_sizes(sigmas: torch.Tensor) -> torch.Tensor:
+    """The Euler steps' dt = sigma_next - sigma, float32 [steps], from the float32 sigmas [steps + 1].
+
+    The scheduler subtracts two float32 0-d tensors of its `sigmas` on the device; an elementwise float32
+    subtraction gives the same bits.
+    """
+    sigmas = sigmas.to(torch.float32)
+    return sigmas[1:] - sigmas[:-1]
+
+
 # ------------------------------------------------------------------------------------------------ noise
 
 
@@ -182,24 +211,31 @@ def pack_latents(latents: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(latents.reshape(channels, rows * cols).T)
 
 
-def initial_noise(width: int, height: int, channels: int, seed: int) -> np.ndarray:
-    """The pipeline's starting latents for `generator=torch.Generator("cpu").manual_seed(seed)`, packed.
+def initial_noise_tensor(
+    width: int, height: int, channels: int, seed: int, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """The pipeline's starting latents for `generator=torch.Generator("cpu").manual_seed(seed)`, packed,
+    as a contiguous float32 [h*w, C] tensor on `device`.
 
     `prepare_latents` draws `randn_tensor((1, C, h, w), generator, dtype=float32)` in one call - one draw of
     the whole channel-first tensor, so the order of the draw (and therefore the seed's picture) depends on
-    that layout - and then packs it to tokens. Only torch's CPU generator gives the same numbers, so this is
-    the one place that needs torch. Returns float32 [h*w, C].
+    that layout - and then packs it to tokens. With a CPU generator `randn_tensor` draws on the CPU and
+    moves the result to the pipeline's device, whatever that is; so does this, so a seed gives the same
+    picture on every device.
     """
-    import torch
-
     rows, cols = latent_grid(width, height)
     generator = torch.Generator("cpu").manual_seed(int(seed))
     noise = torch.randn((1, channels, rows, cols), generator=generator, dtype=torch.float32)
-    return pack_latents(noise[0].numpy())
+    return noise[0].reshape(channels, rows * cols).T.contiguous().to(device)
 
 
-def tokens_to_grid(tokens: np.ndarray, width: int, height: int) -> np.ndarray:
-    """[h*w, C] tokens -> [h, w, C], the VAE decoder's input layout.
+def initial_noise(width: int, height: int, channels: int, seed: int) -> np.ndarray:
+    """`initial_noise_tensor` on the CPU as a numpy array: float32 [h*w, C], C-contiguous."""
+    return initial_noise_tensor(width, height, channels, seed).numpy()
+
+
+def tokens_to_grid(tokens: np.ndarray | torch.Tensor, width: int, height: int) -> np.ndarray | torch.Tensor:
+    """[h*w, C] tokens -> [h, w, C], the VAE decoder's input layout; numpy in, numpy out, torch in, torch out.
 
     The pipeline scatters tokens by their ids (`_unpack_latents_with_ids`); since the noise ids are the grid
     in row-major order, that scatter is this reshape.
@@ -207,7 +243,8 @@ def tokens_to_grid(tokens: np.ndarray, width: int, height: int) -> np.ndarray:
     rows, cols = latent_grid(width, height)
     if tokens.shape[0] != rows * cols:
         raise ValueError(f"{tokens.shape[0]} tokens do not fill a {rows}x{cols} grid for {width}x{height}")
-    return np.ascontiguousarray(tokens.reshape(rows, cols, tokens.shape[1]))
+    grid = tokens.reshape(rows, cols, tokens.shape[1])
+    return grid.contiguous() if isinstance(grid, torch.Tensor) else np.ascontiguousarray(grid)
 
 
 # ------------------------------------------------------------------------------------------ position ids
@@ -272,26 +309,68 @@ def cfg_combine(cond: np.ndarray, uncond: np.ndarray, guidance_scale: float) -> 
     return uncond + np.float32(guidance_scale) * (cond - uncond)
 
 
+def euler_step_torch(sample: torch.Tensor, velocity: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+    """`euler_step` in torch: `sample + dt * velocity`, float32, as a new tensor (neither input is changed).
+
+    `dt` is the float32 0-d `sigma_next - sigma` (see `step_sizes`) on the tensors' device, as in the
+    scheduler. One rounded multiply, then one rounded add (never a fused multiply-add), as the scheduler's
+    two separate torch operations do; the add is done in place on the fresh product, which is the same
+    sum since float addition is commutative.
+    """
+    step = velocity.to(torch.float32) * dt
+    return step.add_(sample.to(torch.float32))
+
+
+def cfg_combine_torch(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """`cfg_combine` in torch: the pipeline's `uncond + guidance_scale * (cond - uncond)`, as a new tensor.
+
+    The Python-float scale meets a float32 tensor, so torch rounds it to float32 and multiplies in float32,
+    on any device. The multiply and the add run in place on the fresh difference: the same three roundings.
+    """
+    combined = cond - uncond
+    combined.mul_(float(guidance_scale))
+    return combined.add_(uncond)
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 
-# transformer(hidden_states [B,S,C], encoder_hidden_states [B,512,D], timestep [B], img_ids [S,4],
-#             txt_ids [512,4]) -> velocity [B,S,C]
-Transformer = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+# transformer(hidden_states [B,S,C] float32, encoder_hidden_states [B,512,D] float32, timestep [B] float32,
+#             img_ids [S,4] int64, txt_ids [512,4] int64) -> velocity [B,S,C]
+# All inputs are torch tensors on the loop's device; the velocity may be a torch tensor (on any device, of any
+# float dtype: it is moved and cast to float32) or, for convenience, a numpy array.
+Transformer = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], "torch.Tensor | np.ndarray"
+]
 
 
-def _as_embeds(embeds: np.ndarray, name: str) -> np.ndarray:
-    embeds = np.asarray(embeds, dtype=np.float32)
+def _tensor(x: np.ndarray | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`x` as a `dtype` tensor on `device`: a torch tensor already there is returned as it is, a numpy array
+    on the CPU is wrapped without a copy where its dtype already fits (a read-only array is copied once, as
+    torch cannot wrap it)."""
+    if not isinstance(x, torch.Tensor):
+        array = np.asarray(x)
+        if not array.flags.writeable:
+            array = array.copy()
+        x = torch.from_numpy(array)
+    return x.to(device=device, dtype=dtype)
+
+
+def _as_embeds(embeds: np.ndarray | torch.Tensor, name: str, device: torch.device) -> torch.Tensor:
+    embeds = _tensor(embeds, torch.float32, device)
     if embeds.ndim == 2:
         embeds = embeds[None]
     if embeds.ndim != 3 or embeds.shape[0] != 1:
-        raise ValueError(f"{name} must be [1, L, D] or [L, D], got {embeds.shape}")
+        raise ValueError(f"{name} must be [1, L, D] or [L, D], got {tuple(embeds.shape)}")
     return embeds
 
 
 def _reference_inputs(
-    references: Sequence[np.ndarray], reference_grids: Sequence[tuple[int, int]] | None, channels: int
-) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """Concatenate the reference tokens and work out each one's grid.
+    references: Sequence[np.ndarray | torch.Tensor],
+    reference_grids: Sequence[tuple[int, int]] | None,
+    channels: int,
+    device: torch.device,
+) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+    """Each reference as float32 [h_i*w_i, C] tokens on `device`, and each one's grid.
 
     A reference given as [h_i, w_i, C] carries its grid; one given as [h_i*w_i, C] needs its (rows, cols)
     from `reference_grids`, because the ids depend on the grid's shape, not just its size.
@@ -300,30 +379,47 @@ def _reference_inputs(
         raise ValueError(f"{len(references)} references but {len(reference_grids)} reference grids")
     tokens, grids = [], []
     for i, ref in enumerate(references):
-        ref = np.asarray(ref, dtype=np.float32)
+        ref = _tensor(ref, torch.float32, device)
         if ref.ndim == 3:
-            grid = (ref.shape[0], ref.shape[1])
+            grid = (int(ref.shape[0]), int(ref.shape[1]))
             ref = ref.reshape(-1, ref.shape[2])
         elif ref.ndim == 2:
             if reference_grids is None:
                 raise ValueError("references given as [N, C] tokens need reference_grids")
             grid = tuple(int(x) for x in reference_grids[i])
         else:
-            raise ValueError(f"reference {i} must be [h, w, C] or [h*w, C], got {ref.shape}")
+            raise ValueError(f"reference {i} must be [h, w, C] or [h*w, C], got {tuple(ref.shape)}")
         if reference_grids is not None and tuple(reference_grids[i]) != grid:
             raise ValueError(f"reference {i} is a {grid} grid but reference_grids says {reference_grids[i]}")
-        if ref.shape != (grid[0] * grid[1], channels):
-            raise ValueError(f"reference {i} has shape {ref.shape}, expected {(grid[0] * grid[1], channels)}")
+        if tuple(ref.shape) != (grid[0] * grid[1], channels):
+            raise ValueError(
+                f"reference {i} has shape {tuple(ref.shape)}, expected {(grid[0] * grid[1], channels)}"
+            )
         tokens.append(ref)
         grids.append(grid)
-    if not tokens:
-        return np.zeros((0, channels), dtype=np.float32), []
-    return np.concatenate(tokens), grids
+    return tokens, grids
 
 
+def _velocity(output: Any, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The transformer's output as a float32 tensor on `device` (no copy when it already is one)."""
+    velocity = _tensor(output, torch.float32, device)
+    if tuple(velocity.shape) != shape:
+        raise ValueError(f"transformer returned {tuple(velocity.shape)}, expected {shape}")
+    return velocity
+
+
+def _device_of(prompt_embeds: Any, device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if isinstance(prompt_embeds, torch.Tensor):
+        return prompt_embeds.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
 def sample(
     transformer: Transformer,
-    prompt_embeds: np.ndarray,
+    prompt_embeds: np.ndarray | torch.Tensor,
     *,
     width: int,
     height: int,
@@ -331,55 +427,82 @@ def sample(
     num_steps: int,
     scheduler_config: Mapping[str, Any],
     channels: int,
-    references: Sequence[np.ndarray] = (),
+    references: Sequence[np.ndarray | torch.Tensor] = (),
     reference_grids: Sequence[tuple[int, int]] | None = None,
     guidance_scale: float = 1.0,
     do_cfg: bool = False,
-    negative_prompt_embeds: np.ndarray | None = None,
-    step_callback: Callable[[int, np.ndarray], None] | None = None,
-) -> np.ndarray:
-    """Run the whole klein denoising loop; return the final latents, float32 [h, w, C].
+    negative_prompt_embeds: np.ndarray | torch.Tensor | None = None,
+    step_callback: Callable[[int, torch.Tensor], None] | None = None,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Run the whole klein denoising loop on `device`; return the final latents, a float32 [h, w, C] torch
+    tensor on `device` (contiguous, owned by the caller: nothing here keeps or reuses it).
+
+    `device` defaults to prompt_embeds' device when that is a torch tensor, else the CPU. The inputs
+    (embeddings, references) may be numpy arrays or torch tensors on any device; they are converted to
+    float32 tensors on `device` once, before the loop. The noise is drawn on the CPU from
+    `torch.Generator("cpu").manual_seed(seed)` and moved, as the pipeline does with a CPU generator.
 
     `channels` is the DiT's in_channels (packed channels per token). With `do_cfg` (see `use_cfg`), the
     transformer is called once per step with batch 2, conditional first, and `negative_prompt_embeds` (the
-    pipeline encodes "") is required. Reference tokens are appended after the noise tokens on every call and
-    never updated; only the noise part of the velocity is used. `step_callback(i, latents)`, if given, sees
-    the [h*w, C] tokens after each step (for progress or cancellation).
+    pipeline encodes "") is required. Reference tokens follow the noise tokens in `hidden_states` and never
+    change; only the noise part of the velocity is used.
+
+    The transformer gets torch tensors on `device` (see `Transformer`). `hidden_states` is ONE buffer,
+    allocated once per request and reused on every step (the latents are copied into its first h*w rows of
+    each batch row; the reference rows are written once): the callable must not modify its inputs, and must
+    copy `hidden_states` if it needs it after returning (the Triton glue copies it into a Triton tensor by
+    DLPack, which is fine). The other inputs are never written after they are built, so holding them is
+    safe. The velocity it returns is read before the next call, so the callable may reuse its output buffer.
+
+    `step_callback(i, latents)`, if given, sees the [h*w, C] tokens after each step (for progress or
+    cancellation); every step makes a new latents tensor, so the callback may keep it.
     """
+    device = _device_of(prompt_embeds, device)
     rows, cols = latent_grid(width, height)
     n_noise = rows * cols
-    prompt_embeds = _as_embeds(prompt_embeds, "prompt_embeds")
+    prompt_embeds = _as_embeds(prompt_embeds, "prompt_embeds", device)
     if do_cfg:
         if negative_prompt_embeds is None:
             raise ValueError("classifier-free guidance needs negative_prompt_embeds")
-        negative_prompt_embeds = _as_embeds(negative_prompt_embeds, "negative_prompt_embeds")
+        negative_prompt_embeds = _as_embeds(negative_prompt_embeds, "negative_prompt_embeds", device)
         if negative_prompt_embeds.shape != prompt_embeds.shape:
-            raise ValueError(f"negative_prompt_embeds {negative_prompt_embeds.shape} != {prompt_embeds.shape}")
-        encoder_hidden_states = np.concatenate([prompt_embeds, negative_prompt_embeds])
+            raise ValueError(
+                f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} != {tuple(prompt_embeds.shape)}"
+            )
+        encoder_hidden_states = torch.cat([prompt_embeds, negative_prompt_embeds])
     else:
-        encoder_hidden_states = prompt_embeds
+        encoder_hidden_states = prompt_embeds.contiguous()
     batch = encoder_hidden_states.shape[0]
 
-    ref_tokens, grids = _reference_inputs(references, reference_grids, channels)
-    img_ids = np.concatenate([latent_ids(width, height), reference_ids(grids)])
-    txt_ids = text_ids(prompt_embeds.shape[1])
+    ref_tokens, grids = _reference_inputs(references, reference_grids, channels, device)
+    n_tokens = n_noise + sum(r * c for r, c in grids)
+    img_ids = torch.from_numpy(np.concatenate([latent_ids(width, height), reference_ids(grids)])).to(device)
+    txt_ids = torch.from_numpy(text_ids(prompt_embeds.shape[1])).to(device)
     # mu depends on the noise tokens only: the pipeline takes image_seq_len before adding references.
     timesteps, sigmas = schedule(scheduler_config, image_seq_len=n_noise, num_steps=num_steps)
+    dit_timesteps = transformer_timesteps(torch.from_numpy(timesteps).to(device), batch)  # [steps, B]
+    dts = step_sizes(torch.from_numpy(sigmas).to(device))  # [steps]
 
-    latents = initial_noise(width, height, channels, seed)
-    for i, t in enumerate(timesteps):
-        # The same tokens for the conditional and the unconditional row; a real (writable) copy, not a view,
-        # because the DiT callable may hand it to torch or a transport that wants to own its buffer.
-        hidden = np.repeat(np.concatenate([latents, ref_tokens])[None], batch, axis=0)
-        velocity = np.asarray(
-            transformer(hidden, encoder_hidden_states, transformer_timestep(t, batch), img_ids, txt_ids),
-            dtype=np.float32,
-        )
-        if velocity.shape != hidden.shape:
-            raise ValueError(f"transformer returned {velocity.shape}, expected {hidden.shape}")
-        velocity = velocity[:, :n_noise]
-        v = cfg_combine(velocity[0], velocity[1], guidance_scale) if do_cfg else velocity[0]
-        latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
+    # The DiT's input buffer: the same tokens in every batch row (conditional and unconditional); the
+    # reference rows are written here once, the noise rows on every step.
+    hidden = torch.empty((batch, n_tokens, channels), dtype=torch.float32, device=device)
+    offset = n_noise
+    for ref in ref_tokens:
+        hidden[:, offset : offset + ref.shape[0]] = ref
+        offset += ref.shape[0]
+    del ref_tokens
+
+    latents = initial_noise_tensor(width, height, channels, seed, device)
+    for i in range(num_steps):
+        hidden[:, :n_noise] = latents
+        output = transformer(hidden, encoder_hidden_states, dit_timesteps[i], img_ids, txt_ids)
+        velocity = _velocity(output, tuple(hidden.shape), device)
+        if do_cfg:
+            v = cfg_combine_torch(velocity[0, :n_noise], velocity[1, :n_noise], guidance_scale)
+        else:
+            v = velocity[0, :n_noise]
+        latents = euler_step_torch(latents, v, dts[i])
         if step_callback is not None:
             step_callback(i, latents)
     return tokens_to_grid(latents, width, height)
@@ -407,23 +530,25 @@ class Sampler:
 
     def __call__(
         self,
-        prompt_embeds: np.ndarray,
+        prompt_embeds: np.ndarray | torch.Tensor,
         *,
         width: int,
         height: int,
         seed: int,
         num_steps: int,
         guidance_scale: float = 1.0,
-        negative_prompt_embeds: np.ndarray | None = None,
-        references: Sequence[np.ndarray] = (),
+        negative_prompt_embeds: np.ndarray | torch.Tensor | None = None,
+        references: Sequence[np.ndarray | torch.Tensor] = (),
         reference_grids: Sequence[tuple[int, int]] | None = None,
-        step_callback: Callable[[int, np.ndarray], None] | None = None,
-    ) -> np.ndarray:
-        """`sample(...)` with CFG decided as the pipeline decides it; returns latents [h, w, C]."""
+        step_callback: Callable[[int, torch.Tensor], None] | None = None,
+        device: str | torch.device | None = None,
+    ) -> torch.Tensor:
+        """`sample(...)` with CFG decided as the pipeline decides it; returns float32 latents [h, w, C], a
+        torch tensor on `device` (by default prompt_embeds' device if it is a tensor, else the CPU)."""
         return sample(
             self.transformer, prompt_embeds, width=width, height=height, seed=seed, num_steps=num_steps,
             scheduler_config=self.scheduler_config, channels=self.channels, references=references,
             reference_grids=reference_grids, guidance_scale=guidance_scale,
             do_cfg=self.do_cfg(guidance_scale), negative_prompt_embeds=negative_prompt_embeds,
-            step_callback=step_callback,
+            step_callback=step_callback, device=device,
         )

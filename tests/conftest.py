@@ -64,3 +64,75 @@ def ort_session():
         return cache[path]
 
     return get
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningServer:
+    """`flux2-klein serve` in a subprocess: the real command, the real tritonserver."""
+
+    def __init__(self, repo: Path, log_path: Path):
+        import subprocess
+        import sys
+
+        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "flux2_klein.cli", "serve", "--repository", str(repo),
+             "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
+             "--metrics-port", str(self.metrics_port)],
+            stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def grpc_url(self) -> str:
+        return f"localhost:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"localhost:{self.http_port}"
+
+    def url(self, protocol: str) -> str:
+        return self.grpc_url if protocol == "grpc" else self.http_url
+
+    def wait_ready(self, timeout_s: float = 600) -> None:
+        from flux2_klein.server import wait_ready
+
+        if not wait_ready(self.http_port, self.process, timeout_s):
+            self.stop()
+            raise RuntimeError(f"tritonserver did not become ready:\n{self.log_path.read_text()[-5000:]}")
+
+    def stop(self) -> int:
+        import signal
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except Exception:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+@pytest.fixture(scope="session")
+def triton_repo(tiny_ckpt, onnx_dir, tmp_path_factory) -> Path:
+    from flux2_klein.repository import build_repository
+
+    return build_repository(tiny_ckpt, tmp_path_factory.mktemp("repo") / "repo", onnx_dir=onnx_dir)
+
+
+@pytest.fixture(scope="session")
+def triton_server(triton_repo, tmp_path_factory):
+    server = RunningServer(triton_repo, tmp_path_factory.mktemp("logs") / "tritonserver.log")
+    server.wait_ready()
+    yield server
+    server.stop()

@@ -1,7 +1,8 @@
 """flux2_klein.sampling against diffusers' own Flux2KleinPipeline and FlowMatchEulerDiscreteScheduler.
 
 The pieces (schedule, noise, ids, Euler step, guidance) must be bit-identical to diffusers; the whole loop,
-run with the tiny checkpoint's torch transformer behind a numpy callable, must give the pipeline's image.
+which runs in torch on a device (here the CPU) and calls the tiny checkpoint's torch transformer with torch
+tensors, must give the pipeline's image.
 """
 
 from __future__ import annotations
@@ -71,11 +72,20 @@ def test_schedule_bit_identical(tiny_ckpt, size, steps):
     assert np.array_equal(sigmas, reference.sigmas.numpy())
     assert sigmas[0] == 1.0 and sigmas[-1] == 0.0
 
-    # The DiT's timestep input: `t.expand(B).to(float32) / 1000`, as the loop computes it.
-    for i, t in enumerate(reference.timesteps):
-        for batch in (1, 2):
+    # The DiT's timestep input: `t.expand(B).to(float32) / 1000`, as the pipeline computes it, both from the
+    # numpy helper and from the table the torch loop builds once per request.
+    for batch in (1, 2):
+        table = sampling.transformer_timesteps(torch.from_numpy(timesteps), batch)
+        assert table.dtype == torch.float32 and table.shape == (steps, batch) and table.is_contiguous()
+        for i, t in enumerate(reference.timesteps):
             expected = (t.expand(batch).to(torch.float32) / 1000).numpy()
             assert np.array_equal(sampling.transformer_timestep(timesteps[i], batch), expected)
+            assert np.array_equal(table[i].numpy(), expected)
+    # The Euler steps' dt, as the scheduler's step computes it from its sigmas.
+    dts = sampling.step_sizes(torch.from_numpy(sigmas))
+    assert dts.dtype == torch.float32 and dts.shape == (steps,)
+    for i in range(steps):
+        assert torch.equal(dts[i], reference.sigmas[i + 1] - reference.sigmas[i])
 
 
 @pytest.mark.parametrize(
@@ -154,6 +164,9 @@ def test_initial_noise_and_latent_ids_bit_identical(tiny_pipe, size, seed, chann
     assert noise.dtype == np.float32 and noise.flags.c_contiguous
     assert noise.shape == (image_tokens(width, height), channels)
     assert np.array_equal(noise, latents[0].numpy())
+    tensor = sampling.initial_noise_tensor(width, height, channels, seed, device="cpu")
+    assert tensor.dtype == torch.float32 and tensor.device.type == "cpu" and tensor.is_contiguous()
+    assert torch.equal(tensor, latents[0])
     assert sampling.latent_ids(width, height).dtype == np.int64
     assert np.array_equal(sampling.latent_ids(width, height), ids[0].numpy())
 
@@ -174,6 +187,9 @@ def test_tokens_to_grid_matches_unpack(tiny_pipe, size):
     grid = sampling.tokens_to_grid(tokens, width, height)
     assert grid.shape == (rows, cols, 32)
     assert np.array_equal(grid, unpacked[0].permute(1, 2, 0).numpy())
+    grid_tensor = sampling.tokens_to_grid(torch.from_numpy(tokens), width, height)
+    assert isinstance(grid_tensor, torch.Tensor) and grid_tensor.is_contiguous()
+    assert torch.equal(grid_tensor, unpacked[0].permute(1, 2, 0))
     # and packing a channel-first grid is the pipeline's _pack_latents
     chw = unpacked[0].numpy()
     assert np.array_equal(sampling.pack_latents(chw), tiny_pipe._pack_latents(unpacked)[0].numpy())
@@ -216,8 +232,10 @@ def test_euler_steps_bit_identical(size, steps):
     scheduler = _diffusers_schedule(SCHEDULER_CONFIG, width, height, steps)
     scheduler.set_begin_index(0)
     _, sigmas = sampling.schedule(SCHEDULER_CONFIG, image_tokens(width, height), steps)
+    dts = sampling.step_sizes(torch.from_numpy(sigmas))
     rng = np.random.default_rng(steps)
     ours = sampling.initial_noise(width, height, 32, seed=steps)
+    ours_torch = torch.from_numpy(ours.copy())
     theirs = torch.from_numpy(ours.copy())[None]
     for i, t in enumerate(scheduler.timesteps):
         velocity = (rng.standard_normal(ours.shape) * 3).astype(np.float32)
@@ -225,6 +243,11 @@ def test_euler_steps_bit_identical(size, steps):
         ours = sampling.euler_step(ours, velocity, sigmas[i], sigmas[i + 1])
         assert ours.dtype == np.float32
         assert np.array_equal(ours, theirs[0].numpy()), f"step {i}"
+        before, v = ours_torch, torch.from_numpy(velocity)
+        ours_torch = sampling.euler_step_torch(ours_torch, v, dts[i])
+        assert ours_torch.dtype == torch.float32 and ours_torch is not before
+        assert torch.equal(ours_torch, theirs[0]), f"torch step {i}"
+        assert torch.equal(v, torch.from_numpy(velocity))  # the inputs are left alone
 
 
 @pytest.mark.parametrize("scale", [1.0, 1.5, 3.3, 4.0, 7.77])
@@ -236,6 +259,10 @@ def test_cfg_combine_bit_identical(scale):
     got = sampling.cfg_combine(cond, uncond, scale)
     assert got.dtype == np.float32
     assert np.array_equal(got, expected)
+    got_torch = sampling.cfg_combine_torch(c[0], u[0], scale)
+    assert got_torch.dtype == torch.float32
+    assert np.array_equal(got_torch.numpy(), expected)
+    assert np.array_equal(c[0].numpy(), cond) and np.array_equal(u[0].numpy(), uncond)  # inputs untouched
 
 
 def test_use_cfg_follows_pipeline(tiny_pipe):
@@ -262,29 +289,42 @@ class _is_distilled:
 
 
 class TorchTransformer:
-    """The DiT interface over a diffusers Flux2Transformer2DModel: numpy in, numpy out, calls recorded."""
+    """The DiT interface over a diffusers Flux2Transformer2DModel: torch tensors in (checked), a torch tensor
+    out (or a numpy array with `numpy_out`), every call's inputs recorded as numpy copies.
 
-    def __init__(self, module):
+    The sampler reuses its hidden_states buffer from step to step, so the record copies it, as a real
+    callable that kept it would have to.
+    """
+
+    def __init__(self, module, device="cpu", numpy_out=False):
         self.module = module
+        self.device = torch.device(device)
+        self.numpy_out = numpy_out
         self.calls = []
+        self.hidden_buffers = set()
 
     def __call__(self, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids):
-        assert hidden_states.dtype == np.float32 and encoder_hidden_states.dtype == np.float32
-        assert timestep.dtype == np.float32 and timestep.shape == (hidden_states.shape[0],)
-        assert img_ids.dtype == np.int64 and img_ids.shape == (hidden_states.shape[1], 4)
-        assert txt_ids.dtype == np.int64 and txt_ids.shape == (512, 4)
+        batch, seq = hidden_states.shape[:2]
+        for x, dtype, shape in [
+            (hidden_states, torch.float32, (batch, seq, self.module.config.in_channels)),
+            (encoder_hidden_states, torch.float32, (batch, 512, encoder_hidden_states.shape[2])),
+            (timestep, torch.float32, (batch,)),
+            (img_ids, torch.int64, (seq, 4)),
+            (txt_ids, torch.int64, (512, 4)),
+        ]:
+            assert isinstance(x, torch.Tensor) and x.dtype == dtype and tuple(x.shape) == shape
+            assert x.device == self.device and x.is_contiguous() and not x.requires_grad
+        self.hidden_buffers.add(hidden_states.data_ptr())
         self.calls.append(
-            dict(hidden_states=hidden_states.copy(), timestep=timestep.copy(), img_ids=img_ids.copy(),
-                 txt_ids=txt_ids.copy(), batch=hidden_states.shape[0])
+            dict(hidden_states=hidden_states.numpy().copy(), timestep=timestep.numpy().copy(),
+                 img_ids=img_ids.numpy().copy(), txt_ids=txt_ids.numpy().copy(), batch=batch)
         )
         with torch.no_grad():
             out = self.module(
-                hidden_states=torch.from_numpy(hidden_states),
-                encoder_hidden_states=torch.from_numpy(encoder_hidden_states),
-                timestep=torch.from_numpy(timestep), img_ids=torch.from_numpy(img_ids),
-                txt_ids=torch.from_numpy(txt_ids), guidance=None, return_dict=False,
+                hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, timestep=timestep,
+                img_ids=img_ids, txt_ids=txt_ids, guidance=None, return_dict=False,
             )[0]
-        return out.numpy()
+        return out.numpy() if self.numpy_out else out
 
 
 def _record_transformer_inputs(pipe, calls: list):
@@ -298,7 +338,7 @@ def _record_transformer_inputs(pipe, calls: list):
 
 def _decode(pipe, latents_hwc):
     """The pipeline's own decode path from our [h, w, C] latents: bn de-norm, unpatchify, VAE, postprocess."""
-    latents = torch.from_numpy(latents_hwc).permute(2, 0, 1)[None]
+    latents = torch.as_tensor(latents_hwc).permute(2, 0, 1)[None]
     mean = pipe.vae.bn.running_mean.view(1, -1, 1, 1)
     std = torch.sqrt(pipe.vae.bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps)
     latents = pipe._unpatchify_latents(latents * std + mean)
@@ -366,8 +406,11 @@ def test_end_to_end_distilled(tiny_pipe, tiny_ckpt, size, seed):
     latents = sampler(prompt_embeds.numpy(), width=width, height=height, seed=seed, num_steps=4)
 
     rows, cols = latent_grid(width, height)
-    assert latents.dtype == np.float32 and latents.shape == (rows, cols, 32)
+    assert isinstance(latents, torch.Tensor) and latents.device.type == "cpu" and latents.is_contiguous()
+    assert latents.dtype == torch.float32 and latents.shape == (rows, cols, 32)
+    latents = latents.numpy()
     assert [c["batch"] for c in dit.calls] == [1] * 4
+    assert len(dit.hidden_buffers) == 1  # one hidden_states buffer per request, reused by every step
     _assert_same_inputs(dit.calls, pipe_calls, rows * cols)
     latent_diff = float(np.abs(latents.reshape(rows * cols, -1) - pipe_latents).max())
     pixel_diff = _pixel_diff(_decode(tiny_pipe, latents), pipe_image)
@@ -378,8 +421,8 @@ def test_end_to_end_distilled(tiny_pipe, tiny_ckpt, size, seed):
     # guidance_scale is ignored for distilled checkpoints, as in the pipeline (one step is enough to see it)
     assert not sampler.do_cfg(4.0)
     one_step = dict(width=width, height=height, seed=seed, num_steps=1)
-    guided = sampler(prompt_embeds.numpy(), guidance_scale=4.0, **one_step)
-    assert np.array_equal(guided, sampler(prompt_embeds.numpy(), guidance_scale=1.0, **one_step))
+    guided = sampler(prompt_embeds, guidance_scale=4.0, **one_step)
+    assert torch.equal(guided, sampler(prompt_embeds, guidance_scale=1.0, **one_step))
 
 
 def test_end_to_end_with_reference(tiny_pipe, tiny_ckpt):
@@ -417,25 +460,26 @@ def test_end_to_end_with_reference(tiny_pipe, tiny_ckpt):
     rows, cols = latent_grid(width, height)
     assert dit.calls[0]["hidden_states"].shape == (1, rows * cols + ref_grid[0] * ref_grid[1], 32)
     _assert_same_inputs(dit.calls, pipe_calls, rows * cols)
+    latents = latents.numpy()
     latent_diff = float(np.abs(latents.reshape(rows * cols, -1) - pipe_latents).max())
     pixel_diff = _pixel_diff(_decode(tiny_pipe, latents), pipe_image)
     print(f"\nreference {width}x{height}: max latent diff {latent_diff}, max pixel diff {pixel_diff}")
     assert latent_diff == 0.0, f"max latent diff {latent_diff}"
     assert pixel_diff <= MAX_PIXEL_DIFF, f"max pixel diff {pixel_diff} (latents differ by {latent_diff})"
 
-    # The same reference given as a [h, w, C] grid carries its own shape.
+    # The same reference given as a [h, w, C] grid (here a torch tensor) carries its own shape.
     as_grid = sampling.sample(
-        TorchTransformer(tiny_pipe.transformer), prompt_embeds.numpy(), width=width, height=height, seed=seed,
+        TorchTransformer(tiny_pipe.transformer), prompt_embeds, width=width, height=height, seed=seed,
         num_steps=4, scheduler_config=_ckpt_scheduler_config(tiny_ckpt), channels=32,
-        references=[ref_tokens.reshape(*ref_grid, 32)],
+        references=[torch.from_numpy(ref_tokens).reshape(*ref_grid, 32)],
     )
-    assert np.array_equal(as_grid, latents)
+    assert np.array_equal(as_grid.numpy(), latents)
     # The reference matters: without it the picture is different.
     without = sampling.sample(
-        TorchTransformer(tiny_pipe.transformer), prompt_embeds.numpy(), width=width, height=height, seed=seed,
+        TorchTransformer(tiny_pipe.transformer), prompt_embeds, width=width, height=height, seed=seed,
         num_steps=4, scheduler_config=_ckpt_scheduler_config(tiny_ckpt), channels=32,
     )
-    assert not np.allclose(without, latents)
+    assert not np.allclose(without.numpy(), latents)
 
 
 @pytest.fixture(scope="module")
@@ -472,7 +516,8 @@ def test_end_to_end_base_cfg(tiny_base_pipe, tiny_base_ckpt):
     rows, cols = latent_grid(width, height)
     assert [c["batch"] for c in dit.calls] == [2] * 4  # one batched call per step, not two
     _assert_same_inputs(dit.calls, pipe_calls, rows * cols, cfg=True)
-    latents = latents.reshape(rows * cols, -1)
+    assert isinstance(latents, torch.Tensor) and latents.dtype == torch.float32
+    latents = latents.numpy().reshape(rows * cols, -1)
     latent_diff = float(np.abs(latents - pipe_latents).max())
     relative = latent_diff / float(np.abs(pipe_latents).max())
     pixel_diff = _pixel_diff(_decode(pipe, latents.reshape(rows, cols, -1)), pipe_image)
@@ -488,7 +533,7 @@ def test_end_to_end_base_cfg(tiny_base_pipe, tiny_base_ckpt):
     # bit-identical: the whole difference above is batched-matmul rounding, not the sampler.
     def per_row(hidden, embeds, timestep, img_ids, txt_ids):
         rows_out = [dit(hidden[k : k + 1], embeds[k : k + 1], timestep[k : k + 1], img_ids, txt_ids) for k in range(2)]
-        return np.concatenate(rows_out)
+        return torch.cat(rows_out)
 
     split = sampling.Sampler(
         transformer=per_row, scheduler_config=sampler.scheduler_config, is_distilled=False, channels=sampler.channels
@@ -497,9 +542,97 @@ def test_end_to_end_base_cfg(tiny_base_pipe, tiny_base_ckpt):
         prompt_embeds.numpy(), negative_prompt_embeds=negative_embeds.numpy(), width=width, height=height,
         seed=seed, num_steps=4, guidance_scale=scale,
     )
-    split_diff = float(np.abs(split_latents.reshape(rows * cols, -1) - pipe_latents).max())
+    split_diff = float(np.abs(split_latents.numpy().reshape(rows * cols, -1) - pipe_latents).max())
     print(f"base CFG, DiT called per batch row: max latent diff {split_diff}")
     assert split_diff == 0.0, f"max latent diff {split_diff} with the DiT called per batch row"
 
     with pytest.raises(ValueError, match="negative_prompt_embeds"):
         sampler(prompt_embeds.numpy(), width=width, height=height, seed=seed, num_steps=1, guidance_scale=scale)
+
+
+# ------------------------------------------------------------------------------------ torch in, torch out
+
+SMALL = dict(width=256, height=256, num_steps=2)  # a 16x16 token grid: the loop's plumbing, quickly
+SMALL_REF_GRID = (6, 8)
+
+
+def _small_inputs(transformer_module, seed=0):
+    """Random float32 CPU tensors shaped like a request: prompt and negative embeds, one [h, w, C] reference."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    dim, channels = transformer_module.config.joint_attention_dim, transformer_module.config.in_channels
+    prompt = torch.randn((1, 512, dim), generator=generator)
+    negative = torch.randn((1, 512, dim), generator=generator)
+    reference = torch.randn((*SMALL_REF_GRID, channels), generator=generator)
+    return prompt, negative, reference
+
+
+@pytest.mark.parametrize("cfg", [False, True], ids=["distilled", "cfg"])
+def test_sample_torch_tensors_in_and_out(tiny_pipe, tiny_ckpt, cfg):
+    module = tiny_pipe.transformer
+    channels = module.config.in_channels
+    prompt, negative, reference = _small_inputs(module)
+    dit = TorchTransformer(module)
+    seen = []
+    latents = sampling.sample(
+        dit, prompt, seed=5, scheduler_config=_ckpt_scheduler_config(tiny_ckpt), channels=channels,
+        references=[reference], guidance_scale=3.5, do_cfg=cfg, negative_prompt_embeds=negative if cfg else None,
+        step_callback=lambda i, x: seen.append((i, x)), **SMALL,  # no device: prompt's, the CPU
+    )
+    rows, cols = latent_grid(SMALL["width"], SMALL["height"])
+    n_noise = rows * cols
+    assert isinstance(latents, torch.Tensor)
+    assert latents.dtype == torch.float32 and latents.device.type == "cpu" and latents.is_contiguous()
+    assert latents.shape == (rows, cols, channels)
+
+    # The callback gets a fresh [h*w, C] tensor per step; the last is the result.
+    assert [i for i, _ in seen] == list(range(SMALL["num_steps"]))
+    assert all(isinstance(x, torch.Tensor) and x.shape == (n_noise, channels) for _, x in seen)
+    assert len({id(x) for _, x in seen}) == len(seen) and seen[0][1].data_ptr() != seen[1][1].data_ptr()
+    assert torch.equal(seen[-1][1].reshape(rows, cols, channels), latents)
+
+    # One reused hidden_states buffer: the noise rows hold each step's latents (every batch row the same),
+    # the reference rows the reference, untouched from step to step.
+    batch = 2 if cfg else 1
+    assert [c["batch"] for c in dit.calls] == [batch] * SMALL["num_steps"] and len(dit.hidden_buffers) == 1
+    starts = [sampling.initial_noise(SMALL["width"], SMALL["height"], channels, 5)] + [x.numpy() for _, x in seen]
+    for call, start in zip(dit.calls, starts):
+        hidden = call["hidden_states"]
+        assert hidden.shape == (batch, n_noise + SMALL_REF_GRID[0] * SMALL_REF_GRID[1], channels)
+        for k in range(batch):
+            assert np.array_equal(hidden[k, :n_noise], start)
+            assert np.array_equal(hidden[k, n_noise:], reference.reshape(-1, channels).numpy())
+
+    # The transformer's output shape is checked.
+    with pytest.raises(ValueError, match="transformer returned"):
+        sampling.sample(
+            lambda h, *_: torch.zeros(h.shape[0], 1, channels), prompt, seed=5, channels=channels,
+            scheduler_config=_ckpt_scheduler_config(tiny_ckpt), **SMALL,
+        )
+
+
+@pytest.mark.parametrize("cfg", [False, True], ids=["distilled", "cfg"])
+def test_numpy_and_torch_inputs_give_identical_latents(tiny_pipe, tiny_ckpt, cfg):
+    module = tiny_pipe.transformer
+    channels = module.config.in_channels
+    prompt, negative, reference = _small_inputs(module, seed=1)
+    common = dict(
+        seed=9, scheduler_config=_ckpt_scheduler_config(tiny_ckpt), channels=channels, guidance_scale=2.5,
+        do_cfg=cfg, **SMALL,
+    )
+    from_torch = sampling.sample(
+        TorchTransformer(module), prompt, references=[reference],
+        negative_prompt_embeds=negative if cfg else None, **common,
+    )
+    # numpy everywhere, the prompt [L, D] and read-only, the reference as tokens with its grid, the DiT
+    # returning numpy, the device named
+    prompt_np = prompt[0].numpy().copy()
+    prompt_np.setflags(write=False)
+    from_numpy = sampling.sample(
+        TorchTransformer(module, numpy_out=True), prompt_np, device="cpu",
+        references=[reference.reshape(-1, channels).numpy()], reference_grids=[SMALL_REF_GRID],
+        negative_prompt_embeds=negative.numpy() if cfg else None, **common,
+    )
+    assert isinstance(from_numpy, torch.Tensor) and from_numpy.device.type == "cpu"
+    assert torch.equal(from_torch, from_numpy)
+    # and the inputs were not changed
+    assert np.array_equal(prompt_np, prompt[0].numpy())

@@ -32,3 +32,30 @@ def test_unparseable_graph_is_reported(tmp_path):
 def test_unknown_module_is_refused():
     with pytest.raises(ValueError, match="tensorrt module"):
         import_trt("tensorrt_llm")
+
+
+@pytest.fixture(scope="module")
+def bf16_onnx_dir(tiny_ckpt, tmp_path_factory):
+    from flux2_klein.export.onnx_export import export_onnx
+
+    out = tmp_path_factory.mktemp("onnx-bf16")
+    export_onnx(tiny_ckpt, out, dtype="bf16")
+    return out
+
+
+@pytest.mark.parametrize("network", ["text_encoder", "transformer", "vae_decoder", "vae_encoder"])
+def test_bf16_graph_is_valid_onnx_and_builds(bf16_onnx_dir, tiny_ckpt, network):
+    # ONNX Runtime has no bfloat16 kernels on the CPU for these graphs, so the numbers of a bf16 graph
+    # are checked on a GPU only; here: type-checked ONNX, and TensorRT-RTX builds it under our profiles.
+    import json
+
+    import onnx
+
+    path = bf16_onnx_dir / network / "model.onnx"
+    onnx.checker.check_model(str(path))
+    onnx.shape_inference.infer_shapes_path(str(path), check_type=True, strict_mode=True)
+    model = onnx.load(path, load_external_data=False)
+    assert any(i.data_type == onnx.TensorProto.BFLOAT16 for i in model.graph.initializer)
+    assert json.loads((bf16_onnx_dir / network / "model.json").read_text())["dtype"] == "bf16"
+    spec = network_specs(load_checkpoint(tiny_ckpt))[network]
+    assert build_serialized(trt_rtx, path, spec).nbytes > 0

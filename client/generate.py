@@ -1,0 +1,101 @@
+"""`flux2-klein generate` (CONTRACT.md section 2): one image through tritonclient.
+
+    flux2-klein generate --prompt TEXT [--size WxH] [--seed N] [--steps N] [--guidance F]
+                         [--reference FILE]... [--url HOST:PORT] [--protocol grpc|http] --out FILE
+
+Options left out are not sent, so the server's defaults apply (1024x1024, seed 0, the checkpoint's
+steps and guidance). The server judges every value; a bad one (an unsupported size, steps out of range,
+too many or undecodable references) comes back as its message on stderr and exit status 2. Exit status 1:
+the server could not be reached, timed out or failed. 0: the image was written; stdout gets one line,
+"<path>\t<seconds> s", the seconds being the request's round trip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+
+from flux2_klein.sizes import DEFAULT_SIZE, size_names
+
+_SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'WIDTHxHEIGHT' (e.g. '1024x1024') -> (width, height); an argparse type."""
+    m = _SIZE.match(text)
+    if not m or int(m.group(1)) <= 0 or int(m.group(2)) <= 0:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels, e.g. 1024x1024; got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def add_generate_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the `generate` subcommand on an argparse subparsers object; its func is run_generate."""
+    from .images import EXTENSIONS
+    from .triton_client import DEFAULT_URLS, PROTOCOLS
+
+    g = subparsers.add_parser(
+        "generate",
+        help="generate one image through tritonclient",
+        description="Generate one image with the Triton model flux2_klein. Options left out take the server's defaults.",
+    )
+    g.add_argument("--prompt", required=True, metavar="TEXT", help="the text prompt (UTF-8)")
+    g.add_argument("--size", type=parse_size, default=None, metavar="WxH",
+                   help=f"output WIDTHxHEIGHT (default {DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]}); one of {size_names()}")
+    g.add_argument("--seed", type=int, default=None, metavar="N", help="noise seed (default 0)")
+    g.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="denoising steps, 1..100 (default: 4 for distilled checkpoints, 50 for base)")
+    g.add_argument("--guidance", type=float, default=None, metavar="F",
+                   help="guidance scale (default: 1.0, ignored, for distilled checkpoints; 4.0 for base)")
+    g.add_argument("--reference", action="append", default=[], metavar="FILE",
+                   help="a reference image (PNG, JPEG, WebP) for editing; repeat for up to 4")
+    g.add_argument("--url", default=None, metavar="HOST:PORT",
+                   help=f"Triton's endpoint (default {DEFAULT_URLS['grpc']} for grpc, {DEFAULT_URLS['http']} for http)")
+    g.add_argument("--protocol", choices=PROTOCOLS, default="grpc", help="grpc (default) or http")
+    g.add_argument("--out", required=True, metavar="FILE",
+                   help=f"image to write; the extension picks the format: {', '.join(EXTENSIONS)}")
+    g.set_defaults(func=run_generate)
+    return g
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Run `generate` for parsed arguments: 0 written, 2 a bad request, 1 any other failure."""
+    from .images import image_format, read_reference, save_image
+    from .triton_client import Flux2KleinClient, GenerationError, default_url
+
+    # Everything we can judge locally, before the server spends time on the image.
+    try:
+        image_format(args.out)
+        references = [read_reference(path) for path in args.reference]
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    width, height = args.size if args.size is not None else (None, None)
+    url = args.url or default_url(args.protocol)
+
+    try:
+        with Flux2KleinClient(url, protocol=args.protocol) as client:
+            start = time.perf_counter()
+            image = client.generate(
+                args.prompt, width=width, height=height, seed=args.seed, steps=args.steps,
+                guidance=args.guidance, references=references,
+            )
+            elapsed = time.perf_counter() - start
+    except GenerationError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 2 if e.invalid_argument else 1
+    except (ValueError, TypeError) as e:  # a value no tensor of the contract's type can hold, e.g. a huge seed
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    try:
+        path = save_image(image, args.out)
+    except OSError as e:
+        print(f"error: cannot write {args.out}: {e}", file=sys.stderr)
+        return 1
+    print(f"{path}\t{elapsed:.2f} s")
+    return 0
+
+
+__all__ = ["add_generate_parser", "run_generate", "parse_size"]

@@ -1,0 +1,63 @@
+"""Writing generated images and reading reference images.
+
+The output format follows the file's extension (case-insensitive):
+  .png          PNG, lossless: the file holds exactly the array the server sent.
+  .jpg, .jpeg   JPEG, quality 95 (4:2:0 chroma subsampling, Pillow's default at that quality).
+  .webp         WebP, lossy (lossless=False), quality 95.
+Anything else is a ValueError that names these extensions, raised before a file is touched.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+# extension -> (Pillow format, save options)
+FORMATS: dict[str, tuple[str, dict]] = {
+    ".png": ("PNG", {}),
+    ".jpg": ("JPEG", {"quality": 95}),
+    ".jpeg": ("JPEG", {"quality": 95}),
+    ".webp": ("WEBP", {"lossless": False, "quality": 95}),
+}
+EXTENSIONS = tuple(FORMATS)
+
+
+def image_format(path: str | os.PathLike) -> str:
+    """The Pillow format ("PNG", "JPEG", "WEBP") that `save_image` writes for this path's extension."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise ValueError(
+            f"cannot tell the image format of {str(path)!r} from its extension {suffix or '(none)'!r}; "
+            f"use one of {', '.join(EXTENSIONS)}"
+        )
+    return FORMATS[suffix][0]
+
+
+def save_image(array: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write an RGB image, numpy uint8 [height, width, 3], to `path` in the format its extension names
+    (see the module's docstring). Missing parent folders are created. Returns the path."""
+    from PIL import Image
+
+    path = Path(path)
+    fmt = image_format(path)
+    _, options = FORMATS[path.suffix.lower()]
+    array = np.asarray(array)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"expected an RGB image as uint8 [height, width, 3]; got {array.dtype} {list(array.shape)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(array)).save(path, format=fmt, **options)
+    return path
+
+
+def read_reference(path: str | os.PathLike) -> bytes:
+    """A reference image's file, as the raw encoded bytes the server decodes itself (PNG, JPEG or WebP).
+    Nothing is decoded or re-encoded here, so the server sees exactly the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reference image not found: {path}")
+    return path.read_bytes()
+
+
+__all__ = ["save_image", "read_reference", "image_format", "EXTENSIONS", "FORMATS"]

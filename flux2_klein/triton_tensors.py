@@ -1,0 +1,65 @@
+"""Moving tensors in and out of Triton's Python backend without copies, on the CPU or the GPU.
+
+Numeric tensors go through DLPack (torch), never `pb_utils.Tensor(name, ndarray)`: DLPack keeps a GPU
+tensor on the GPU between models, and numpy-made tensors are wrong under numpy 2 in the Triton 2.51
+stub. BYTES tensors have no DLPack form and stay numpy object arrays.
+Only importable inside a Triton Python-backend stub (it needs triton_python_backend_utils).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+from torch.utils.dlpack import from_dlpack, to_dlpack
+
+
+def to_triton(name: str, value) -> "pb_utils.Tensor":
+    if isinstance(value, np.ndarray):
+        if value.dtype == np.object_:
+            return pb_utils.Tensor(name, value)
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    return pb_utils.Tensor.from_dlpack(name, to_dlpack(value.contiguous()))
+
+
+def from_triton(tensor: "pb_utils.Tensor") -> torch.Tensor:
+    """A torch view of a numeric Triton tensor, on whichever device Triton placed it."""
+    return from_dlpack(tensor.to_dlpack())
+
+
+def get_input(request, name: str) -> torch.Tensor | None:
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    return None if t is None else from_triton(t)
+
+
+def get_numpy(request, name: str) -> np.ndarray | None:
+    """A request input as numpy (CPU): for validation, BYTES, and small host-side values."""
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    if t is None:
+        return None
+    return t.as_numpy() if t.is_cpu() else from_triton(t).cpu().numpy()
+
+
+def params(model_config: dict) -> dict[str, str]:
+    return {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
+
+
+def error_response(message: str, invalid_argument: bool = False) -> "pb_utils.InferenceResponse":
+    code = pb_utils.TritonError.INVALID_ARG if invalid_argument else pb_utils.TritonError.INTERNAL
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+
+
+def bls(model: str, inputs: dict, outputs: list[str], device: str = "cpu") -> list[torch.Tensor]:
+    """Call another model of the repository (Business Logic Scripting); outputs land on `device`."""
+    kwargs = {}
+    if device.startswith("cuda"):
+        index = int(device.split(":")[1]) if ":" in device else 0
+        kwargs["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, index)
+    request = pb_utils.InferenceRequest(
+        model_name=model, inputs=[to_triton(k, v) for k, v in inputs.items()],
+        requested_output_names=outputs, **kwargs,
+    )
+    response = request.exec()
+    if response.has_error():
+        raise RuntimeError(f"{model}: {response.error().message()}")
+    return [from_triton(pb_utils.get_output_tensor_by_name(response, n)) for n in outputs]

@@ -1,0 +1,68 @@
+"""`flux2-klein serve`: fails loudly when a model cannot load, stops cleanly on SIGTERM; and a base
+(undistilled) checkpoint served with classifier-free guidance equals diffusers."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import RunningServer, free_port
+from flux2_klein.client.triton_client import Flux2KleinClient
+
+
+def test_sigterm_stops_the_server_cleanly(triton_repo, tmp_path):
+    server = RunningServer(triton_repo, tmp_path / "log")
+    server.wait_ready()
+    start = time.monotonic()
+    assert server.stop() == 0
+    assert time.monotonic() - start < 60
+
+
+def test_a_model_that_cannot_load_fails_serve_with_its_error(triton_repo, tmp_path):
+    broken = tmp_path / "repo"
+    shutil.copytree(triton_repo, broken)
+    (broken / "vae_decoder" / "1" / "model.onnx").write_bytes(b"this is not a graph")
+    r = subprocess.run([sys.executable, "-m", "flux2_klein.cli", "serve", "--repository", str(broken),
+                        "--http-port", str(free_port()), "--grpc-port", str(free_port()),
+                        "--metrics-port", str(free_port())],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    assert "vae_decoder" in r.stdout + r.stderr and "tritonserver exited" in r.stderr
+
+
+def test_serve_refuses_a_folder_that_is_no_repository(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "flux2_klein.cli", "serve", "--repository", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "flux2-klein build" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def base_server(tiny_base_ckpt, tmp_path_factory):
+    from flux2_klein.repository import build_repository
+
+    repo = build_repository(tiny_base_ckpt, tmp_path_factory.mktemp("base") / "repo")
+    server = RunningServer(repo, tmp_path_factory.mktemp("base-logs") / "log")
+    server.wait_ready()
+    yield server
+    server.stop()
+
+
+def test_base_checkpoint_with_guidance_equals_diffusers(base_server, tiny_base_ckpt):
+    from diffusers import Flux2KleinPipeline
+
+    pipe = Flux2KleinPipeline.from_pretrained(tiny_base_ckpt, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    with Flux2KleinClient(base_server.grpc_url) as client:
+        got = client.generate("a base model prompt", width=1248, height=832, seed=11, steps=4, guidance=4.0)
+        unguided = client.generate("a base model prompt", width=1248, height=832, seed=11, steps=4, guidance=1.0)
+    want = pipe(prompt="a base model prompt", width=1248, height=832, num_inference_steps=4, guidance_scale=4.0,
+                generator=torch.Generator("cpu").manual_seed(11)).images[0]
+    diff = np.abs(got.astype(int) - np.asarray(want).astype(int)).max()
+    assert diff <= 2, diff
+    assert np.abs(got.astype(int) - unguided.astype(int)).mean() > 2  # guidance really ran
