@@ -25,7 +25,6 @@ from .triton_config import (
     ENSEMBLE, Instances, ensemble_config, leaf_config, preprocess_config, sampler_config,
 )
 
-RUNTIMES = ("onnxruntime",)
 GLUE = {"preprocess": "preprocess.py", "sampler": "sampler.py", "onnxruntime": "onnxruntime_leaf.py"}
 
 
@@ -50,13 +49,31 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def _onnx_leaf(repo: Path, ckpt, spec, instances: Instances, *, dtype: str, onnx_dir) -> dict:
+    """A leaf network as a Python model over ONNX Runtime, its graph exported here or reused."""
+    from .export.onnx_export import export_network
+
+    version = _write_model(repo, spec.name, leaf_config(spec, instances, {"intra_op_threads": "1"}),
+                           _glue("onnxruntime"))
+    if onnx_dir is None:
+        export_network(ckpt, spec, version, dtype)
+    else:
+        with step(f"{spec.name}: copy graph from {onnx_dir}"):
+            for f in sorted((Path(onnx_dir) / spec.name).glob("model.*")):
+                _link_or_copy(f, version / f.name)
+    return {"onnx_sha256": json.loads((version / "model.json").read_text())["sha256"]}
+
+
+# runtime -> writer of one leaf model (config, glue, weights); each returns what the manifest records.
+LEAF_WRITERS = {"onnxruntime": _onnx_leaf}
+
+
 def build_repository(checkpoint: str | Path, out: str | Path, *, runtime: str = "onnxruntime",
                      dtype: str = "fp32", onnx_dir: str | Path | None = None,
                      instances: Instances | None = None) -> Path:
     """Assemble REPO from a checkpoint; `onnx_dir` reuses graphs `export onnx` already wrote."""
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime: {runtime!r} is not supported here; allowed: {', '.join(RUNTIMES)}")
-    from .export.onnx_export import export_network
+    if runtime not in LEAF_WRITERS:
+        raise ValueError(f"runtime: {runtime!r} is not supported; allowed: {', '.join(LEAF_WRITERS)}")
 
     ckpt = load_checkpoint(checkpoint)
     specs = network_specs(ckpt)
@@ -64,17 +81,9 @@ def build_repository(checkpoint: str | Path, out: str | Path, *, runtime: str = 
     repo = Path(out)
     repo.mkdir(parents=True, exist_ok=True)
 
-    hashes = {}
+    sources = {}
     for name in NETWORKS:
-        version = _write_model(repo, name, leaf_config(specs[name], instances, {"intra_op_threads": "1"}),
-                               _glue(runtime))
-        if onnx_dir is None:
-            export_network(ckpt, specs[name], version, dtype)
-        else:
-            with step(f"{name}: copy graph from {onnx_dir}"):
-                for f in sorted((Path(onnx_dir) / name).glob("model.*")):
-                    _link_or_copy(f, version / f.name)
-        hashes[name] = json.loads((version / "model.json").read_text())["sha256"]
+        sources[name] = LEAF_WRITERS[runtime](repo, ckpt, specs[name], instances, dtype=dtype, onnx_dir=onnx_dir)
 
     with step("preprocess, sampler and the ensemble"):
         pre = _write_model(repo, "preprocess",
@@ -91,7 +100,7 @@ def build_repository(checkpoint: str | Path, out: str | Path, *, runtime: str = 
 
     manifest = {
         "checkpoint": str(Path(checkpoint).resolve()), "runtime": runtime, "dtype": dtype,
-        "is_distilled": ckpt.is_distilled, "onnx_sha256": hashes,
+        "is_distilled": ckpt.is_distilled, "sources": sources,
     }
     (repo / "build.json").write_text(json.dumps(manifest, indent=1))
     log.info("repository ready: %s", repo)

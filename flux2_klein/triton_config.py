@@ -83,10 +83,14 @@ def _instances(count: int, kind: str) -> str:
 
 def python_model(name: str, inputs, outputs, *, instances: int, kind: str, optional=(), params=None,
                  extra: str = "") -> str:
+    params = dict(params or {})
+    if kind == "KIND_GPU":
+        # Let GPU tensors reach the model as GPU tensors (DLPack), instead of being copied to the host.
+        params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
     parts = [
         f'name: "{name}"', 'backend: "python"', "max_batch_size: 0",
         _io("input", inputs, optional), _io("output", outputs), _instances(instances, kind),
-        _params(params or {}), extra,
+        _params(params), extra,
     ]
     return "\n".join(p for p in parts if p) + "\n"
 

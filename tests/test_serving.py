@@ -190,4 +190,4 @@ def test_repository_configs_come_from_the_specs(triton_repo, tiny_ckpt):
     ens = (triton_repo / "flux2_klein" / "config.pbtxt").read_text()
     assert 'platform: "ensemble"' in ens and ens.count("optional: true") == 7
     build = json.loads((triton_repo / "build.json").read_text())
-    assert set(build["onnx_sha256"]) == set(specs)
+    assert set(build["sources"]) == set(specs) and all(len(v["onnx_sha256"]) == 64 for v in build["sources"].values())
