@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 OPSET = 18
 # ONNX allows bfloat16 convolutions from opset 22 on: the VAE graphs in bf16 need it to be valid ONNX
 # (TensorRT parses either; other tools check types).
-OPSET_BF16 = 22
+OPSET_BF16 = 22  # also FP8 graphs (Q/DQ in float8 needs 19)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROTOBUF_LIMIT = 2**31 - 1
 # Example sizes for tracing: batch 2 and uneven sides so that no dynamic dimension is traced at 1
@@ -85,20 +85,29 @@ def sha256(path: Path) -> str:
 
 def export_network(ckpt: Checkpoint, spec: NetworkSpec, target: Path, dtype: str = "fp32") -> Path:
     """Export one network to target/model.onnx and write model.json beside it."""
+    with step(f"{spec.name}: load weights ({dtype})"):
+        module = load_wrapper(ckpt, spec.name, DTYPES[dtype])
+    return export_module(module, ckpt, spec, target, dtype)
+
+
+def export_module(module: torch.nn.Module, ckpt: Checkpoint, spec: NetworkSpec, target: Path, dtype: str,
+                  precision: str | None = None, translations: dict | None = None,
+                  extra_meta: dict | None = None) -> Path:
+    """Trace `module` (the spec's signature) to target/model.onnx, fold, save, infer shapes, describe."""
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     onnx_path = target / "model.onnx"
-    with step(f"{spec.name}: load weights ({dtype})"):
-        module = load_wrapper(ckpt, spec.name, DTYPES[dtype])
+    precision = precision or dtype
     rng = np.random.default_rng(0)
     example = example_inputs(spec, rng, batch=2, size=TRACE_SIZE, references=TRACE_REFERENCES)
     args = tuple(torch.from_numpy(example[n]) for n in spec.input_names)
-    opset = OPSET_BF16 if dtype == "bf16" else OPSET
+    # FP8 Q/DQ exists from opset 19, bfloat16 convolutions from 22; plain float graphs stay at 18.
+    opset = OPSET if precision in ("fp32", "fp16") else OPSET_BF16
     with step(f"{spec.name}: trace and convert to ONNX opset {opset}"), torch.no_grad():
         program = torch.onnx.export(
             module, args, dynamo=True, opset_version=opset, input_names=spec.input_names,
             output_names=spec.output_names, dynamic_shapes=dynamic_shapes(spec), optimize=True,
-            verbose=False,
+            verbose=False, custom_translation_table=translations,
         )
     del module
     gc.collect()
@@ -114,6 +123,7 @@ def export_network(ckpt: Checkpoint, spec: NetworkSpec, target: Path, dtype: str
         "network": spec.name,
         "checkpoint": str(ckpt.path),
         "dtype": dtype,
+        "precision": precision,
         "opset": opset,
         "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in spec.inputs],
         "outputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in spec.outputs],
@@ -121,6 +131,7 @@ def export_network(ckpt: Checkpoint, spec: NetworkSpec, target: Path, dtype: str
         "sha256": sha256(onnx_path),
         "files": sorted(p.name for p in target.iterdir() if p.name.startswith("model.onnx")),
         "torch": torch.__version__,
+        **(extra_meta or {}),
     }
     (target / "model.json").write_text(json.dumps(meta, indent=1))
     size = sum((target / f).stat().st_size for f in meta["files"])

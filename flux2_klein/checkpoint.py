@@ -116,3 +116,17 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             f"latent channels {ckpt.latent_channels}"
         )
     return ckpt
+
+
+def checkpoint_from_config(config_file: str | Path) -> Checkpoint:
+    """The geometry of a checkpoint from one JSON of component configs (shared/configs/*.json), no
+    weights: enough for specs, profiles and build plans (`flux2-klein build --dry-run --config`)."""
+    path = Path(config_file)
+    cfg = _read_json(path, "config")
+    missing = [k for k in ("transformer", "vae", "text_encoder") if k not in cfg]
+    if missing:
+        raise CheckpointError(f"config: {path} lacks {', '.join(missing)}")
+    distilled = bool(cfg.get("pipeline", {}).get("is_distilled", True))
+    return Checkpoint(path=path, model_index={"_class_name": PIPELINE_CLASS, "is_distilled": distilled},
+                      transformer=cfg["transformer"], vae=cfg["vae"], text_encoder=cfg["text_encoder"],
+                      scheduler=cfg.get("scheduler", {}))

@@ -30,9 +30,54 @@ def _export_onnx(args) -> int:
     return 0
 
 
+def _export_fp8(args) -> int:
+    from .export.fp8 import export_fp8, load_prompts
+
+    prompts = load_prompts(Path(args.prompts), limit=args.limit or None) if args.prompts else \
+        load_prompts(limit=args.limit or None)
+    print(export_fp8(args.checkpoint, args.out, dtype=args.dtype, prompts=prompts, steps=args.steps or None))
+    return 0
+
+
+def _geometry(args):
+    """The checkpoint, or for a dry run the geometry of a config file (no weights needed)."""
+    from .checkpoint import checkpoint_from_config, load_checkpoint
+
+    if getattr(args, "config", ""):
+        return checkpoint_from_config(args.config)
+    if not args.checkpoint:
+        raise ValueError("checkpoint: required (or --config FILE with --dry-run)")
+    return load_checkpoint(args.checkpoint)
+
+
+def _export_engines(args) -> int:
+    from .export.engines import build_engine
+    from .tensorrt_build import describe_plan, engine_plans
+
+    ckpt, out, work = _geometry(args), Path(args.out), Path(args.onnx)
+    if args.dry_run:
+        print(describe_plan(ckpt, out, work, args.precision, args.opt_level))
+        return 0
+    for plan in engine_plans(ckpt, out, work, args.precision, args.opt_level):
+        build_engine(plan, force=args.force)
+    return 0
+
+
 def _build(args) -> int:
     from .repository import build_repository
 
+    if args.runtime == "tensorrt" or args.dry_run:
+        from .tensorrt_build import describe_plan
+
+        work = Path(args.work) if args.work else Path(str(Path(args.out)) + ".work")
+        if args.dry_run:
+            if args.runtime != "tensorrt":
+                raise ValueError("dry-run: only --runtime tensorrt has a build plan to show")
+            print(describe_plan(_geometry(args), Path(args.out), work, args.precision, args.opt_level))
+            return 0
+        build_repository(args.checkpoint, args.out, runtime="tensorrt", precision=args.precision, work=work,
+                         opt_level=args.opt_level)
+        return 0
     build_repository(args.checkpoint, args.out, runtime=args.runtime, dtype=args.dtype,
                      onnx_dir=args.onnx or None)
     return 0
@@ -62,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "JSON file (e.g. the real 4B one, for full-size checks on a GPU machine)")
     t.set_defaults(func=_tiny)
 
-    e = sub.add_parser("export", help="export steps: onnx")
+    e = sub.add_parser("export", help="export steps: onnx, fp8, engines")
     esub = e.add_subparsers(dest="what", required=True)
     o = esub.add_parser("onnx", help="export every network to ONNX, ready for TensorRT")
     o.add_argument("--checkpoint", required=True, help="checkpoint in diffusers layout")
@@ -73,11 +118,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated subset of text_encoder,transformer,vae_decoder,vae_encoder")
     o.set_defaults(func=_export_onnx)
 
+    f = esub.add_parser("fp8", help="FP8 (E4M3) DiT: ModelOpt calibration on the real pipeline, ONNX with Q/DQ")
+    f.add_argument("--checkpoint", required=True, help="checkpoint in diffusers layout")
+    f.add_argument("--out", required=True, help="output directory (writes transformer/model.onnx)")
+    f.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
+                   help="precision of everything that is not an FP8 GEMM (default bf16; fp32 to check on a CPU)")
+    f.add_argument("--prompts", default="", help="calibration prompts, one a line (default: the shipped set)")
+    f.add_argument("--limit", type=int, default=0, help="use only the first N prompts")
+    f.add_argument("--steps", type=int, default=0, help="denoising steps while calibrating (default: the checkpoint's)")
+    f.set_defaults(func=_export_fp8)
+
+    g = esub.add_parser("engines", help="TensorRT engines from exported graphs, with the specs' profiles")
+    g.add_argument("--checkpoint", default="", help="checkpoint in diffusers layout")
+    g.add_argument("--config", default="", help="with --dry-run: a component-config JSON instead of a checkpoint")
+    g.add_argument("--onnx", required=True, help="work folder holding bf16/<network> and fp8/transformer graphs")
+    g.add_argument("--out", required=True, help="repository-shaped output: <network>/1/model.plan")
+    g.add_argument("--precision", choices=("fp8", "bf16"), default="fp8")
+    g.add_argument("--opt-level", type=int, default=None, help="builder optimization level (default 3)")
+    g.add_argument("--force", action="store_true", help="rebuild even fresh engines")
+    g.add_argument("--dry-run", action="store_true", help="print the plan and trtexec equivalents; needs no TensorRT")
+    g.set_defaults(func=_export_engines)
+
     b = sub.add_parser("build", help="export and assemble a ready Triton model repository")
-    b.add_argument("--checkpoint", required=True, help="checkpoint in diffusers layout")
+    b.add_argument("--checkpoint", default="", help="checkpoint in diffusers layout")
+    b.add_argument("--config", default="", help="with --dry-run: a component-config JSON instead of a checkpoint")
     b.add_argument("--out", required=True, help="the model repository to write")
-    b.add_argument("--runtime", choices=("onnxruntime",), default="onnxruntime",
-                   help="what runs the leaf networks (default onnxruntime: Python models, CPU)")
+    b.add_argument("--runtime", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
+                   help="what runs the leaf networks (default onnxruntime: Python models, CPU; "
+                        "tensorrt: engines for this machine's GPU)")
+    b.add_argument("--precision", choices=("fp8", "bf16"), default="fp8",
+                   help="tensorrt: the DiT's GEMMs in FP8 or BF16 (default fp8)")
+    b.add_argument("--work", default="", help="tensorrt: folder for ONNX graphs and the timing cache "
+                                              "(default: REPO.work beside the repository)")
+    b.add_argument("--opt-level", type=int, default=None, help="tensorrt: builder optimization level (default 3)")
+    b.add_argument("--dry-run", action="store_true",
+                   help="tensorrt: print the plan (graphs, precisions, profiles, engines, trtexec commands)")
     b.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="compute precision inside the graphs (default fp32)")
     b.add_argument("--onnx", default="", help="reuse graphs already written by `export onnx` to this folder")

@@ -106,8 +106,9 @@ def leaf_config(spec: NetworkSpec, instances: Instances, params: dict[str, str])
 def preprocess_config(text_encoder: NetworkSpec, instances: Instances, params: dict[str, str]) -> str:
     inputs = [t for t, _ in API_INPUTS]
     optional = tuple(t.name for t, opt in API_INPUTS if opt)
+    # Host work (tokenizing, decoding images) whatever the leaves run on.
     return python_model("preprocess", inputs, list(text_encoder.inputs) + list(REQUEST_PARAMS),
-                        instances=instances.preprocess, kind=instances.kind, optional=optional, params=params)
+                        instances=instances.preprocess, kind="KIND_CPU", optional=optional, params=params)
 
 
 def sampler_config(text_encoder: NetworkSpec, vae_decoder: NetworkSpec, instances: Instances,
@@ -141,3 +142,31 @@ def ensemble_config(specs: dict[str, NetworkSpec]) -> str:
         "ensemble_scheduling {\n step [\n" + ",\n".join(steps) + "\n ]\n}",
     ]) + "\n"
 
+
+
+def plan_config(spec: NetworkSpec, instances: Instances) -> str:
+    """A leaf network as a `tensorrt_plan` model: every profile usable by each instance (the backend picks
+    the one that fits a request's shapes), CUDA graphs captured for the opt shapes (the common case:
+    other shapes run without a graph)."""
+    profiles = ", ".join(f'"{i}"' for i in range(len(spec.profiles)))
+    count = getattr(instances, spec.name)
+    opt = {k: v[1] for k, v in spec.profiles[0].dims.items()}
+    graph_inputs = " ".join(
+        f'input {{ key: "{t.name}" value {{ dim: [ {", ".join(str(d) for d in spec.shape(t, opt))} ] }} }}'
+        for t in spec.inputs)
+    parts = [
+        f'name: "{spec.name}"', 'platform: "tensorrt_plan"', "max_batch_size: 0",
+        'default_model_filename: "model.plan"',
+        _io("input", spec.inputs), _io("output", spec.outputs),
+        f"instance_group [ {{ count: {count} kind: KIND_GPU profile: [ {profiles} ] }} ]",
+        f"optimization {{ cuda {{ graphs: true graph_spec [ {{ {graph_inputs} }} ] }} }}",
+    ]
+    if spec.name == "text_encoder":
+        parts.append("response_cache { enable: true }")
+    return "\n".join(parts) + "\n"
+
+
+# One GPU: one engine copy per network (each instance holds its weights), several samplers so that
+# requests overlap on the host while the GPU works.
+GPU_INSTANCES = Instances(kind="KIND_GPU", preprocess=4, text_encoder=1, sampler=4, transformer=1,
+                          vae_decoder=1, vae_encoder=1)

@@ -21,6 +21,10 @@ class TritonPythonModel:
         # One thread per instance: concurrency comes from instances, not from threads fighting.
         opts.intra_op_num_threads = int(config.get("intra_op_threads", "1"))
         opts.inter_op_num_threads = 1
+        # Shapes change with every size: ORT's arena and memory patterns would keep the largest of each
+        # (gigabytes per VAE instance at 1568x672); plain allocations keep an instance near its need.
+        opts.enable_cpu_mem_arena = False
+        opts.enable_mem_pattern = False
         self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
