@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flux2_klein.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from flux2_klein.checkpoint import Checkpoint, CheckpointError, checkpoint_from_config, load_checkpoint
 from flux2_klein.sizes import (
     MAX_REFERENCES, REFERENCE_MAX_SIDE, REFERENCE_MIN_SIDE, SIZES, image_tokens, latent_grid,
     reference_token_bounds,
@@ -19,14 +19,10 @@ FULL_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "configs" / "flux
 
 
 def full_size_checkpoint() -> Checkpoint:
-    """The real 4B geometry, from the shared config file when present, else its numbers."""
-    cfg = json.loads(FULL_CONFIG.read_text()) if FULL_CONFIG.exists() else None
-    if cfg is None:
+    """The real 4B geometry, from the shared config file."""
+    if not FULL_CONFIG.exists():
         pytest.skip(f"{FULL_CONFIG} not found")
-    return Checkpoint(
-        path=Path("4b"), model_index={"is_distilled": True}, transformer=cfg["transformer"], vae=cfg["vae"],
-        text_encoder=cfg["text_encoder"], scheduler={},
-    )
+    return checkpoint_from_config(FULL_CONFIG)
 
 
 @pytest.fixture(params=["tiny", "4b"])
