@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 DEMO   ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean image compose-up k8s
 
 setup: $(STAMP)
 
@@ -26,6 +26,14 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Need a Docker engine / kubectl: not available on the project's CI machines.
+image:
+	docker build -f docker/Dockerfile -t flux2-klein-triton:0.1.0 .
+compose-up:
+	docker compose -f docker/compose.yaml up
+k8s:
+	kubectl kustomize deploy/k8s
 
 clean:
 	rm -rf $(DEMO) $(VENV)

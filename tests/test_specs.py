@@ -103,3 +103,11 @@ def test_bad_checkpoints_name_what_is_wrong(tiny_ckpt, tmp_path):
     (bad / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="expected 'Flux2KleinPipeline'"):
         load_checkpoint(bad)
+
+
+def test_contract_twin_is_current():
+    """docs/CONTRACT.md is the project's copy of ../shared/CONTRACT.md and must not drift from it."""
+    shared = Path(__file__).resolve().parents[2] / "shared" / "CONTRACT.md"
+    if not shared.exists():
+        pytest.skip(f"{shared} not found")
+    assert (Path(__file__).resolve().parents[1] / "docs" / "CONTRACT.md").read_text() == shared.read_text()
