@@ -168,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .client.generate import add_generate_parser
 
     add_generate_parser(sub)
+
+    from .client.gateway import add_gateway_parser
+
+    add_gateway_parser(sub)
     return p
 
 

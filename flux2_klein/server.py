@@ -18,9 +18,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Shared memory between Triton and each Python model: tensors here are megabytes (a 1 MP image, a
-# prompt embedding of 512 x 7680 floats), so start large and grow in large steps.
-SHM_BYTES = 64 << 20
+# Shared memory between Triton and each Python model (one region per instance, in /dev/shm, which
+# counts as memory): tensors here are megabytes (a 1 MP image, a prompt embedding of 512 x 7680
+# floats), so start at 16 MB rather than 1 MB and grow in 16 MB steps.
+SHM_BYTES = 16 << 20
 RESPONSE_CACHE_BYTES = 256 << 20  # about 16 distinct prompts' embeddings at the real width
 
 
