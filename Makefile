@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch first (on disk on our machines): an unpinned torch pulls a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
+	# perf_analyzer: the binary of tritonclient 2.51 runs on Debian 12 with libb64 and libcudart 12.
+	command -v apt-get >/dev/null && { dpkg -s libb64-0d >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq libb64-0d; }; } || true
+	$(PY) -m flux2_klein.client.perf_analyzer --install || echo "warning: no perf_analyzer; bench falls back to tritonclient threads"
 	touch $(STAMP)
 
 # Tiny checkpoint -> build the repository -> serve on a real Triton -> generate $(DEMO)/flux2-klein.png.

@@ -172,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .client.gateway import add_gateway_parser
 
     add_gateway_parser(sub)
+
+    from .client.bench import add_bench_parser
+
+    add_bench_parser(sub)
     return p
 
 

@@ -1,0 +1,170 @@
+"""The served pipeline without Triton: a repository's ONNX graphs called in one process.
+
+    from flux2_klein.direct import DirectPipeline
+
+    pipe = DirectPipeline("REPO")                      # a repository written by `flux2-klein build`
+    image = pipe.generate("a red fox", width=1024, height=1024, seed=7)   # uint8 [H, W, 3]
+
+The same steps as the ensemble, in the same order and with the same code: `preprocess.parse_request`
+and the repository's tokenizer (REPO/preprocess/1/tokenizer), the text encoder, `sampling.sample`
+with the DiT (and the VAE encoder for references) as ONNX Runtime sessions, the VAE decoder. The
+graphs are REPO/<network>/1/model.onnx and each session gets the thread count its Triton model is
+configured with (`intra_op_threads`, 1 for the CPU repository), so the image equals Triton's bit for bit
+and the two differ only in what serving adds: the benchmark's baseline (`flux2-klein bench`).
+
+The checkpoint facts the sampler needs (scheduler config, channels, distilled or not) come from the
+repository's config.pbtxt parameters, or, for a repository without them, from the checkpoint that
+REPO/build.json names.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .preprocess import Defaults, PromptTokenizer, parse_request
+from .sampling import sample, use_cfg
+from .sizes import latent_grid
+from .specs import NETWORKS
+
+STAGES = ("preprocess", "text_encoder", "vae_encoder", "transformer", "sampler", "vae_decoder")
+
+
+def model_config(repository: str | Path, model: str):
+    """REPO/<model>/config.pbtxt parsed as Triton's ModelConfig protobuf."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    path = Path(repository) / model / "config.pbtxt"
+    if not path.is_file():
+        raise FileNotFoundError(f"repository: {path} is missing; is {repository} a `flux2-klein build` output?")
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def model_parameters(repository: str | Path, model: str) -> dict[str, str]:
+    config = model_config(repository, model)
+    return {k: v.string_value for k, v in config.parameters.items()}
+
+
+class DirectPipeline:
+    """A repository's graphs behind one call, `generate` (or `infer` with the request's tensors).
+
+    intra_op_threads: ONNX Runtime threads per session; None (default) takes each leaf model's
+    `intra_op_threads` parameter (what Triton gives each instance), else 1.
+    `last_timings` holds the seconds each stage took in the latest call (see STAGES; "sampler" is the
+    loop's own work, without the transformer and VAE-encoder calls) and "total".
+    """
+
+    def __init__(self, repository: str | Path, *, intra_op_threads: int | None = None):
+        import onnxruntime as ort
+
+        self.repository = repo = Path(repository)
+        pre = model_parameters(repo, "preprocess")
+        smp = model_parameters(repo, "sampler")
+        if {"is_distilled"} <= pre.keys() and {"scheduler_config", "channels"} <= smp.keys():
+            self.is_distilled = pre["is_distilled"] == "true"
+            self.scheduler_config: dict[str, Any] = json.loads(smp["scheduler_config"])
+            self.channels = int(smp["channels"])
+        else:
+            self._from_checkpoint()
+        self.defaults = Defaults.for_checkpoint(self.is_distilled)
+        self.tokenizer = PromptTokenizer(repo / "preprocess" / "1" / "tokenizer")
+        self.negative = self.tokenizer.encode("")
+
+        self.sessions = {}
+        self.threads = {}
+        for name in NETWORKS:
+            path = repo / name / "1" / "model.onnx"
+            if not path.is_file():
+                raise FileNotFoundError(f"repository: {path} is missing (DirectPipeline runs the ONNX graphs "
+                                        "of an onnxruntime repository)")
+            threads = intra_op_threads or int(model_parameters(repo, name).get("intra_op_threads", "1"))
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+            self.sessions[name] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            self.threads[name] = threads
+        self._outputs = {n: [o.name for o in s.get_outputs()] for n, s in self.sessions.items()}
+        self.last_timings: dict[str, float] = {}
+
+    def _from_checkpoint(self) -> None:
+        from .checkpoint import load_checkpoint
+
+        manifest = self.repository / "build.json"
+        if not manifest.is_file():
+            raise FileNotFoundError(f"repository: {self.repository} has neither the sampler's parameters "
+                                    "nor a build.json naming its checkpoint")
+        ckpt = load_checkpoint(json.loads(manifest.read_text())["checkpoint"])
+        self.is_distilled = ckpt.is_distilled
+        self.scheduler_config = dict(ckpt.scheduler)
+        self.channels = ckpt.latent_channels
+
+    def _run(self, network: str, feed: Mapping[str, Any]) -> list[np.ndarray]:
+        start = time.perf_counter()
+        feed = {k: np.ascontiguousarray(v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in feed.items()}
+        out = self.sessions[network].run(self._outputs[network], feed)
+        self.last_timings[network] = self.last_timings.get(network, 0.0) + time.perf_counter() - start
+        return out
+
+    def _transformer(self, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids):
+        (velocity,) = self._run("transformer", {
+            "hidden_states": hidden_states, "encoder_hidden_states": encoder_hidden_states,
+            "timestep": timestep, "img_ids": img_ids, "txt_ids": txt_ids,
+        })
+        return velocity
+
+    def infer(self, inputs: Mapping[str, np.ndarray | None]) -> np.ndarray:
+        """One request given as the ensemble's input tensors ({name: numpy array}, absent = default);
+        returns the `image` output, uint8 [height, width, 3]. A bad input raises preprocess.InvalidInput."""
+        self.last_timings = {}
+        t0 = time.perf_counter()
+        req = parse_request(inputs, self.defaults)
+        ids, mask = self.tokenizer.encode(req.prompt)
+        do_cfg = use_cfg(self.is_distilled, req.guidance_scale)
+        if do_cfg:
+            ids = np.concatenate([ids, self.negative[0]])
+            mask = np.concatenate([mask, self.negative[1]])
+        self.last_timings["preprocess"] = time.perf_counter() - t0
+
+        (embeds,) = self._run("text_encoder", {"input_ids": ids, "attention_mask": mask})
+
+        t_sampler = time.perf_counter()
+        tokens, grids = [], []
+        for image in req.references:
+            (t,) = self._run("vae_encoder", {"image": image})
+            tokens.append(t)
+            grids.append(latent_grid(image.shape[1], image.shape[0]))
+        embeds = torch.from_numpy(embeds)
+        # The values the Triton sampler reads back from its INT32/INT64/FP32 [1] inputs.
+        guidance = float(np.float32(req.guidance_scale))
+        latents = sample(
+            self._transformer, embeds[:1], width=req.width, height=req.height, seed=req.seed,
+            num_steps=req.num_inference_steps, scheduler_config=self.scheduler_config, channels=self.channels,
+            references=tokens, reference_grids=grids, guidance_scale=guidance, do_cfg=do_cfg,
+            negative_prompt_embeds=embeds[1:] if do_cfg else None, device="cpu",
+        )
+        inner = self.last_timings.get("transformer", 0.0) + self.last_timings.get("vae_encoder", 0.0)
+        self.last_timings["sampler"] = time.perf_counter() - t_sampler - inner
+
+        (image,) = self._run("vae_decoder", {"latents": latents})
+        self.last_timings["total"] = time.perf_counter() - t0
+        return image
+
+    def generate(self, prompt: str, *, width: int | None = None, height: int | None = None,
+                 seed: int | None = None, steps: int | None = None, guidance: float | None = None,
+                 references: Iterable[bytes] = ()) -> np.ndarray:
+        """As `Flux2KleinClient.generate`: the same arguments, the same tensors, the same image."""
+        from .client.triton_client import input_arrays
+
+        arrays = input_arrays(prompt, width=width, height=height, seed=seed, steps=steps, guidance=guidance,
+                              references=references)
+        return self.infer({name: array for name, (_, array) in arrays.items()})
+
+    def __repr__(self) -> str:
+        return f"DirectPipeline({str(self.repository)!r})"
