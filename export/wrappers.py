@@ -8,6 +8,8 @@ module's dtype; every boundary is float32 (or integer) as the specs say.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -33,10 +35,15 @@ class TextEncoderEmbeds(nn.Module):
         hidden = m.embed_tokens(input_ids)
         position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         # transformers' own mask builder, so padding and causality mean exactly what they mean there.
-        mask = create_causal_mask(
-            config=m.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
-            position_ids=position_ids,
-        )
+        # Its arguments were renamed across transformers 5.x (input_embeds -> inputs_embeds,
+        # past_key_values -> cache, cache_position dropped): name them as this version does.
+        params = inspect.signature(create_causal_mask).parameters
+        kwargs = {"cache" if "cache" in params else "past_key_values": None}
+        if "cache_position" in params:
+            kwargs["cache_position"] = position_ids[0]
+        kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = hidden
+        mask = create_causal_mask(config=m.config, attention_mask=attention_mask, position_ids=position_ids,
+                                  **kwargs)
         rope = m.rotary_emb(hidden, position_ids)
         picked = []
         for i, layer in enumerate(m.layers[: max(self.out_layers)]):

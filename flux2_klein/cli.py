@@ -79,7 +79,7 @@ def _build(args) -> int:
                          opt_level=args.opt_level)
         return 0
     build_repository(args.checkpoint, args.out, runtime=args.runtime, dtype=args.dtype,
-                     onnx_dir=args.onnx or None)
+                     onnx_dir=args.onnx or None, device=args.device, compile=args.compile)
     return 0
 
 
@@ -143,9 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--checkpoint", default="", help="checkpoint in diffusers layout")
     b.add_argument("--config", default="", help="with --dry-run: a component-config JSON instead of a checkpoint")
     b.add_argument("--out", required=True, help="the model repository to write")
-    b.add_argument("--runtime", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
-                   help="what runs the leaf networks (default onnxruntime: Python models, CPU; "
-                        "tensorrt: engines for this machine's GPU)")
+    b.add_argument("--runtime", choices=("onnxruntime", "torch", "tensorrt"), default="onnxruntime",
+                   help="what runs the leaf networks (default onnxruntime: Python models, CPU; torch: the "
+                        "diffusers/transformers modules in PyTorch, no export; tensorrt: engines for this GPU)")
+    b.add_argument("--device", choices=("cpu", "gpu"), default=None,
+                   help="onnxruntime/torch: where the models' instances run (default cpu)")
+    b.add_argument("--compile", nargs="?", const="default", default="",
+                   choices=("default", "max-autotune-no-cudagraphs"),
+                   help="torch: run the leaves under torch.compile (optionally a mode)")
     b.add_argument("--precision", choices=("fp8", "bf16"), default="fp8",
                    help="tensorrt: the DiT's GEMMs in FP8 or BF16 (default fp8)")
     b.add_argument("--work", default="", help="tensorrt: folder for ONNX graphs and the timing cache "
@@ -153,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--opt-level", type=int, default=None, help="tensorrt: builder optimization level (default 3)")
     b.add_argument("--dry-run", action="store_true",
                    help="tensorrt: print the plan (graphs, precisions, profiles, engines, trtexec commands)")
-    b.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="compute precision inside the graphs (default fp32)")
+    b.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="compute precision (default bf16 for --runtime torch --device gpu, else fp32)")
     b.add_argument("--onnx", default="", help="reuse graphs already written by `export onnx` to this folder")
     b.set_defaults(func=_build)
 
@@ -183,10 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     from .checkpoint import CheckpointError
+    from .export.trt_build import BuildError
 
     try:
         return args.func(args)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ValueError, FileNotFoundError, BuildError) as e:
         log.error("%s", e)
         return 2
     except KeyboardInterrupt:

@@ -19,7 +19,12 @@ def to_triton(name: str, value) -> "pb_utils.Tensor":
         if value.dtype == np.object_:
             return pb_utils.Tensor(name, value)
         value = torch.from_numpy(np.ascontiguousarray(value))
-    return pb_utils.Tensor.from_dlpack(name, to_dlpack(value.contiguous()))
+    value = value.contiguous()
+    if value.is_cuda:
+        # A DLPack capsule hands over the memory, not the stream: the kernels writing it must be done
+        # before another process (Triton, the next model) reads it.
+        torch.cuda.current_stream(value.device).synchronize()
+    return pb_utils.Tensor.from_dlpack(name, to_dlpack(value))
 
 
 def from_triton(tensor: "pb_utils.Tensor") -> torch.Tensor:

@@ -137,3 +137,17 @@ def test_config_geometry_matches_a_real_checkpoint_layout(tiny_ckpt):
         pytest.skip(f"{CONFIG_4B} not found")
     ckpt = checkpoint_from_config(CONFIG_4B)
     assert ckpt.latent_channels == 128 and ckpt.text_hidden == 2560 and ckpt.is_distilled
+
+
+def test_tensorrt_build_without_tensorrt_or_gpu_says_so_at_once(tiny_ckpt, tmp_path):
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("tensorrt") and torch.cuda.is_available():
+        pytest.skip("this machine has TensorRT and a GPU: the build would really run")
+    r = subprocess.run([sys.executable, "-m", "flux2_klein.cli", "build", "--checkpoint", str(tiny_ckpt),
+                        "--out", str(tmp_path / "repo"), "--runtime", "tensorrt"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and ("tensorrt: not installed" in r.stderr or "gpu: no CUDA device" in r.stderr)
+    assert not (tmp_path / "repo.work").exists()

@@ -1,0 +1,63 @@
+"""A leaf network (text_encoder, transformer, vae_decoder, vae_encoder) run by PyTorch.
+
+The module is the export wrapper (`load_wrapper`): the diffusers / transformers network behind the spec's
+exact tensors, so this model is a drop-in for the ONNX Runtime or TensorRT one of the same name. Its
+weights are read from the checkpoint recorded in the config (nothing is copied into the repository), in
+the config's dtype, onto this instance's device: a GPU instance computes on its GPU and takes and gives
+GPU tensors by DLPack. Thin glue: the wrapper is the logic.
+
+Config parameters: checkpoint (absolute path), dtype (fp32 | bf16 | fp16), torch_compile ("" or a
+torch.compile mode), intra_op_threads.
+"""
+
+import json
+
+import torch
+import triton_python_backend_utils as pb_utils
+
+from flux2_klein.checkpoint import load_checkpoint
+from flux2_klein.export.onnx_export import DTYPES, load_wrapper
+from flux2_klein.triton_tensors import error_response, get_input, params, to_triton
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        options = params(config)
+        self.name = config["name"]
+        self.inputs = [t["name"] for t in config["input"]]  # the wrapper's argument order (the spec's)
+        self.outputs = [t["name"] for t in config["output"]]
+        gpu = args["model_instance_kind"] == "GPU"
+        self.device = torch.device(f"cuda:{args['model_instance_device_id']}" if gpu else "cpu")
+        # Triton caches only responses whose tensors are all in host memory: a cached model (the text
+        # encoder) answers from the host, a few milliseconds of copy against a skipped network.
+        self.host_outputs = gpu and bool(config.get("response_cache", {}).get("enable", False))
+        # One thread per instance: concurrency comes from instances, not from threads fighting.
+        torch.set_num_threads(int(options.get("intra_op_threads", "1")))
+        if gpu:
+            torch.cuda.set_device(self.device)
+        # (No pb_utils.Logger call here: one in initialize was seen to leave a model's load hanging.)
+        module = load_wrapper(load_checkpoint(options["checkpoint"]), self.name, DTYPES[options["dtype"]])
+        module = module.to(self.device).requires_grad_(False)
+        mode = options.get("torch_compile", "")
+        self.module = torch.compile(module, mode=mode) if mode else module
+
+    def _run(self, request):
+        with torch.inference_mode():
+            args = [get_input(request, n).to(self.device) for n in self.inputs]
+            result = self.module(*args)
+            results = result if isinstance(result, tuple) else (result,)
+            if self.host_outputs:
+                results = tuple(r.cpu() for r in results)
+        # to_triton waits for this stream's kernels before a GPU tensor leaves the process.
+        return pb_utils.InferenceResponse([to_triton(n, r) for n, r in zip(self.outputs, results)])
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                responses.append(self._run(request))
+            except Exception as e:  # noqa: BLE001 - one bad request must not take the model down
+                pb_utils.Logger.log_error(f"{self.name}: {type(e).__name__}: {e}")
+                responses.append(error_response(f"{self.name}: {type(e).__name__}: {e}"))
+        return responses

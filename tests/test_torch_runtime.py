@@ -1,0 +1,215 @@
+"""`flux2-klein build --runtime torch`: the four leaf networks as Python models that run the export
+wrappers (the diffusers / transformers modules behind the specs' tensors) in PyTorch, served by a real
+tritonserver: images equal diffusers' and the ONNX Runtime server's within the contract's tolerance.
+And the GPU benchmark's parts that run on a CPU: its driver end to end, its stub environment, its wheels."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+
+import pytest
+
+from conftest import RunningServer
+from flux2_klein.client.triton_client import Flux2KleinClient
+from flux2_klein.triton_config import Instances
+from test_serving import assert_equal_images, encoded, oracle, pattern
+
+ROOT = Path(__file__).resolve().parent.parent
+LEAVES = ("text_encoder", "transformer", "vae_decoder", "vae_encoder")
+# One instance of each leaf: every model still runs in its own stub, at a third of the processes.
+SMALL = Instances(preprocess=1, sampler=2, text_encoder=1, transformer=1, vae_decoder=1, vae_encoder=1)
+
+
+def _bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _params(config: str) -> dict[str, str]:
+    return dict(re.findall(r'parameters \{ key: "([^"]+)" value: \{ string_value: "([^"]*)" \} \}', config))
+
+
+def _tensors(config: str) -> str:
+    return config[config.index("input ["):config.index("instance_group")]
+
+
+@pytest.fixture(scope="module")
+def torch_repo(tiny_ckpt, tmp_path_factory) -> Path:
+    from flux2_klein.repository import build_repository
+
+    return build_repository(tiny_ckpt, tmp_path_factory.mktemp("torch") / "repo", runtime="torch", device="cpu",
+                            instances=SMALL)
+
+
+@pytest.fixture(scope="module")
+def torch_server(torch_repo, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("torch-logs")
+    for attempt in (1, 2):
+        server = RunningServer(torch_repo, logs / f"tritonserver-{attempt}.log")
+        try:
+            server.wait_ready()
+            break
+        except RuntimeError:
+            # Triton's Python backend now and then aborts while many stubs start on a loaded machine
+            # (boost::interprocess::lock_exception, a known Triton issue): that alone earns one more start.
+            if attempt == 2 or "lock_exception" not in server.log_path.read_text(errors="replace"):
+                raise
+    yield server
+    server.stop()
+
+
+def test_leaves_are_python_models_that_load_the_checkpoint_where_it_lies(torch_repo, triton_repo, tiny_ckpt):
+    for name in LEAVES:
+        config = (torch_repo / name / "config.pbtxt").read_text()
+        assert 'backend: "python"' in config and "kind: KIND_CPU" in config
+        assert _params(config) == {"checkpoint": str(Path(tiny_ckpt).resolve()), "dtype": "fp32",
+                                   "torch_compile": "", "intra_op_threads": "1"}
+        # The ONNX Runtime leaf's tensors exactly: the same model, another runtime.
+        assert _tensors(config) == _tensors((triton_repo / name / "config.pbtxt").read_text())
+        assert sorted(p.name for p in (torch_repo / name / "1").iterdir()) == ["model.py"]  # no weights
+    assert "response_cache { enable: true }" in (torch_repo / "text_encoder" / "config.pbtxt").read_text()
+    build = json.loads((torch_repo / "build.json").read_text())
+    assert (build["runtime"], build["device"], build["dtype"]) == ("torch", "cpu", "fp32")
+    assert set(build["sources"]) == set(LEAVES)
+
+
+def test_build_options_device_dtype_compile(tiny_ckpt, tmp_path):
+    from flux2_klein.repository import build_repository
+
+    repo = build_repository(tiny_ckpt, tmp_path / "gpu", runtime="torch", device="gpu", compile=True)
+    for name in (*LEAVES, "sampler"):  # preprocess is host work wherever the rest runs
+        config = (repo / name / "config.pbtxt").read_text()
+        assert "kind: KIND_GPU" in config and _params(config)["FORCE_CPU_ONLY_INPUT_TENSORS"] == "no"
+    assert "count: 1 kind: KIND_GPU" in (repo / "transformer" / "config.pbtxt").read_text()  # GPU_INSTANCES
+    params = _params((repo / "transformer" / "config.pbtxt").read_text())
+    assert (params["dtype"], params["torch_compile"]) == ("bf16", "default")  # bf16 on a GPU by default
+    assert json.loads((repo / "build.json").read_text())["device"] == "gpu"
+
+    repo = build_repository(tiny_ckpt, tmp_path / "fp16", runtime="torch", device="gpu", dtype="fp16",
+                            compile="max-autotune-no-cudagraphs")
+    params = _params((repo / "vae_decoder" / "config.pbtxt").read_text())
+    assert (params["dtype"], params["torch_compile"]) == ("fp16", "max-autotune-no-cudagraphs")
+
+    bad = [
+        (dict(runtime="onnxruntime", compile=True), "only the torch runtime compiles"),
+        (dict(runtime="torch", compile="reduce-overhead"), "allowed: default, max-autotune-no-cudagraphs"),
+        (dict(runtime="torch", device="tpu"), "allowed: cpu, gpu"),
+        (dict(runtime="torch", onnx_dir=tmp_path), "takes no ONNX graphs"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(ValueError, match=message):
+            build_repository(tiny_ckpt, tmp_path / "bad", **kwargs)
+
+
+def test_image_with_a_reference_equals_diffusers(torch_server, tiny_pipe):
+    references = [encoded(pattern(768, 512, 1), "PNG")]
+    prompt = "a lighthouse at dusk, torch runtime"
+    with Flux2KleinClient(torch_server.grpc_url) as client:
+        got = client.generate(prompt, width=1568, height=672, seed=3, references=references)
+    assert_equal_images(got, oracle(tiny_pipe, prompt, width=1568, height=672, seed=3, references=references))
+
+
+def test_image_equals_the_onnx_runtime_servers(torch_server, triton_server):
+    images = []
+    for server in (torch_server, triton_server):
+        with Flux2KleinClient(server.http_url, protocol="http") as client:
+            images.append(client.generate("a red fox in the snow", width=1248, height=832, seed=11))
+    assert_equal_images(*images)
+
+
+def test_gpu_bench_driver_runs_end_to_end_on_a_cpu(torch_server, tiny_ckpt, tmp_path):
+    """The real driver, both phases in their own processes, against the running torch-runtime server."""
+    out = tmp_path / "report"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_bench.py"), "all", "--checkpoint", str(tiny_ckpt),
+         "--device", "cpu", "--work", str(tmp_path / "work"), "--url", torch_server.http_url, "--requests", "1",
+         "--concurrency", "2", "--concurrent-requests", "2", "--warmup", "0", "--report-dir", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Triton/diffusers" in r.stdout and "images/s, 2 at a time" in r.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["machine"]["device"].startswith("CPU") and report["dtype"] == "fp32"
+    assert report["diffusers"]["latency_s"]["n"] == 1 and report["triton"]["throughput"]["images"] == 2
+    assert report["diffusers"]["throughput"]["how"] == "batch of 2 prompts per call"
+    assert set(report["ratios"]) == {"latency_triton_over_diffusers", "images_per_s_triton_over_diffusers"}
+    # Same checkpoint, prompt and seed, float32 on both sides: the first images agree as the contract says.
+    assert report["first_image_difference"]["max"] <= 2
+    assert {"report.txt", "diffusers_image0.png", "triton_image0.png"} <= {p.name for p in out.iterdir()}
+
+
+def test_gpu_bench_arguments():
+    bench = _bench("gpu_bench")
+    args = bench.parse_args(["all", "--tiny", "--work", "w", "--device", "cpu", "--size", "672x1568"])
+    assert args.checkpoint == Path("w") / "tiny" and args.size == (672, 1568) and args.compile == ""
+    for argv in (["all", "--work", "w"], ["all", "--tiny", "--work", "w", "--concurrency", "0"],
+                 ["all", "--tiny", "--work", "w", "--size", "1024"], ["serve", "--tiny", "--work", "w"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+
+
+def test_gpu_bench_stub_environment_puts_its_folders_first_and_hides_scipy(tmp_path):
+    """Triton's stub runs Python isolated (-I: no PYTHONPATH) in the environment of the python3 on PATH."""
+    bench = _bench("gpu_bench")
+    first = tmp_path / "first"
+    (first / "numpy").mkdir(parents=True)
+    (first / "numpy" / "__init__.py").write_text("__version__ = 'first'\n")
+    python = bench.make_stub_env(tmp_path / "env", [first])
+    probe = ("import sys, numpy, flux2_klein.model_repository\n"
+             "try:\n    import scipy\nexcept ImportError:\n    scipy = None\n"
+             "print(sys.prefix, numpy.__version__, scipy)")
+    r = subprocess.run([str(python), "-I", "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(tmp_path / "env"), "first", "None"]
+
+
+def test_carried_pytriton_wheel_keeps_only_this_pythons_stub(tmp_path):
+    carry = _bench("carry_wheels")
+    wheel = tmp_path / "nvidia_pytriton-0.7.0-py3-none-manylinux_2_35_x86_64.whl"
+    names = ["pytriton/tritonserver/bin/tritonserver",
+             "pytriton/tritonserver/python_backend_stubs/3.11/triton_python_backend_stub",
+             "pytriton/tritonserver/python_backend_stubs/3.12/triton_python_backend_stub",
+             "nvidia_pytriton.libs/libpython3-419a3a08.13.so.1.0",
+             "nvidia_pytriton.libs/libtritonserver-717102f0.so"]
+    with zipfile.ZipFile(wheel, "w") as z:
+        for n in names:
+            z.writestr(n, n)
+        z.writestr("nvidia_pytriton-0.7.0.dist-info/RECORD", "".join(f"{n},sha256=x,1\n" for n in names))
+    carry.slim_pytriton(wheel, "3.12")
+    with zipfile.ZipFile(wheel) as z:
+        kept = [n for n in names if n in z.namelist()]
+        record = z.read("nvidia_pytriton-0.7.0.dist-info/RECORD").decode()
+    assert kept == [names[0], names[2], names[4]]
+    assert [line.split(",")[0] for line in record.splitlines()] == kept
+
+
+def test_gpu_script_is_valid_bash_and_installs_what_carry_wheels_brings():
+    script = (ROOT / "bench" / "gpu_h100.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_h100.sh")]).returncode == 0
+    carry = _bench("carry_wheels")
+    assert {w.split("==")[0] for w in carry.WHEELS} == {"nvidia-pytriton", "diffusers", "numpy"}
+    assert "numpy==1.26.4" in carry.WHEELS and "numpy-1.*.whl" in script and "--stub-site" in script
+    assert "--device \"$DEVICE\"" in script and "DEVICE=${DEVICE:-gpu}" in script
+
+
+def test_gpu_bench_check_finds_tritonserver_without_pytritons_client_stack(tmp_path):
+    """The GPU machine carries the nvidia-pytriton wheel alone: `import pytriton` fails there for want of
+    tritonclient, zmq and the rest, and the driver must still find the bundled tritonserver."""
+    probe = ("import sys; sys.modules['tritonclient'] = None; sys.path.insert(0, sys.argv[1])\n"
+             "import gpu_bench; print(gpu_bench.triton_install().binary)")
+    r = subprocess.run([sys.executable, "-c", probe, str(ROOT / "bench")], capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip().endswith("tritonserver/bin/tritonserver"), r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_bench.py"), "check", "--device", "cpu",
+                        "--work", str(tmp_path / "work")], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "models' environment: python" in r.stdout and "numpy 1." in r.stdout
