@@ -8,7 +8,6 @@ limit. One network at a time is loaded, exported and freed, so peak memory is on
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -20,6 +19,7 @@ from ..checkpoint import Checkpoint, load_checkpoint
 from ..progress import step
 from ..specs import NETWORKS, NetworkSpec, example_inputs, network_specs
 from . import wrappers
+from .engines import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +75,6 @@ def dynamic_shapes(spec: NetworkSpec) -> dict[str, dict[int, object] | None]:
     return {t.name: ({i: dim(d) for i, d in t.dynamic_axes.items()} or None) for t in spec.inputs}
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def export_network(ckpt: Checkpoint, spec: NetworkSpec, target: Path, dtype: str = "fp32") -> Path:
     """Export one network to target/model.onnx and write model.json beside it."""
     with step(f"{spec.name}: load weights ({dtype})"):
@@ -128,7 +120,7 @@ def export_module(module: torch.nn.Module, ckpt: Checkpoint, spec: NetworkSpec, 
         "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in spec.inputs],
         "outputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in spec.outputs],
         "profiles": [{"name": p.name, "dims": p.dims} for p in spec.profiles],
-        "sha256": sha256(onnx_path),
+        "sha256": file_sha256(onnx_path),
         "files": sorted(p.name for p in target.iterdir() if p.name.startswith("model.onnx")),
         "torch": torch.__version__,
         **(extra_meta or {}),
