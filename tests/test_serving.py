@@ -43,6 +43,7 @@ def oracle(pipe, prompt, *, width=1024, height=1024, seed=0, steps=4, guidance=1
 def assert_equal_images(got: np.ndarray, want: np.ndarray):
     assert got.shape == want.shape and got.dtype == np.uint8
     diff = np.abs(got.astype(int) - want.astype(int)).max()
+    print(f"largest difference against diffusers: {diff}")  # shown with -s; quoted in release notes
     assert diff <= TOLERANCE, f"largest difference {diff} per channel value"
     return diff
 
