@@ -88,9 +88,8 @@ def test_fp8_end_to_end_through_triton(fp8_dir, onnx_dir, tiny_ckpt, triton_serv
         shutil.copytree(onnx_dir / name, mixed / name)
     shutil.copytree(fp8_dir / "transformer", mixed / "transformer")
     repo = build_repository(tiny_ckpt, tmp_path / "repo", onnx_dir=mixed)
-    server = RunningServer(repo, tmp_path / "log")
+    server = RunningServer.start(repo, tmp_path)
     try:
-        server.wait_ready()
         values = []
         for prompt, (w, h), seed in [("fp8 end to end", (1024, 1024), 3), ("another", (1248, 832), 9)]:
             with Flux2KleinClient(server.grpc_url) as fp8c, Flux2KleinClient(triton_server.grpc_url) as floatc:

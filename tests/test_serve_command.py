@@ -47,8 +47,7 @@ def base_server(tiny_base_ckpt, tmp_path_factory):
     from flux2_klein.repository import build_repository
 
     repo = build_repository(tiny_base_ckpt, tmp_path_factory.mktemp("base") / "repo")
-    server = RunningServer(repo, tmp_path_factory.mktemp("base-logs") / "log")
-    server.wait_ready()
+    server = RunningServer.start(repo, tmp_path_factory.mktemp("base-logs"))
     yield server
     server.stop()
 

@@ -52,17 +52,7 @@ def torch_repo(tiny_ckpt, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def torch_server(torch_repo, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("torch-logs")
-    for attempt in (1, 2):
-        server = RunningServer(torch_repo, logs / f"tritonserver-{attempt}.log")
-        try:
-            server.wait_ready()
-            break
-        except RuntimeError:
-            # Triton's Python backend now and then aborts while many stubs start on a loaded machine
-            # (boost::interprocess::lock_exception, a known Triton issue): that alone earns one more start.
-            if attempt == 2 or "lock_exception" not in server.log_path.read_text(errors="replace"):
-                raise
+    server = RunningServer.start(torch_repo, tmp_path_factory.mktemp("torch-logs"))
     yield server
     server.stop()
 
