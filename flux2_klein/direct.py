@@ -75,7 +75,6 @@ class DirectPipeline:
             self._from_checkpoint()
         self.defaults = Defaults.for_checkpoint(self.is_distilled)
         self.tokenizer = PromptTokenizer(repo / "preprocess" / "1" / "tokenizer")
-        self.negative = self.tokenizer.encode("")
 
         self.sessions = {}
         self.threads = {}
@@ -125,11 +124,8 @@ class DirectPipeline:
         self.last_timings = {}
         t0 = time.perf_counter()
         req = parse_request(inputs, self.defaults)
-        ids, mask = self.tokenizer.encode(req.prompt)
         do_cfg = use_cfg(self.is_distilled, req.guidance_scale)
-        if do_cfg:
-            ids = np.concatenate([ids, self.negative[0]])
-            mask = np.concatenate([mask, self.negative[1]])
+        ids, mask = self.tokenizer.encode_request(req.prompt, do_cfg)
         self.last_timings["preprocess"] = time.perf_counter() - t0
 
         (embeds,) = self._run("text_encoder", {"input_ids": ids, "attention_mask": mask})

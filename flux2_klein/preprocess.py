@@ -330,6 +330,16 @@ class PromptTokenizer:
         attention_mask = np.asarray(inputs["attention_mask"], dtype=np.int64).reshape(1, self.max_length)
         return input_ids, attention_mask
 
+    def encode_request(self, prompt: str, guided: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The text encoder's inputs for one request: [1, 512], or with classifier-free guidance [2, 512]
+        (row 0 the prompt, row 1 the empty negative prompt, so one text-encoder call serves both)."""
+        ids, mask = self.encode(prompt)
+        if not guided:
+            return ids, mask
+        if not hasattr(self, "_negative"):
+            self._negative = self.encode("")  # always "" for klein: tokenized once
+        return np.concatenate([ids, self._negative[0]]), np.concatenate([mask, self._negative[1]])
+
 
 # ---------------------------------------------------------------------- between preprocess and sampler
 

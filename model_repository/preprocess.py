@@ -19,16 +19,10 @@ class TritonPythonModel:
         self.is_distilled = config["is_distilled"] == "true"
         self.defaults = Defaults.for_checkpoint(self.is_distilled)
         self.tokenizer = PromptTokenizer(os.path.join(args["model_repository"], args["model_version"], "tokenizer"))
-        # The base model's negative prompt is always "": tokenize it once.
-        self.negative = self.tokenizer.encode("")
 
     def _outputs(self, request):
         req = parse_request({name: get_numpy(request, name) for name in INPUTS}, self.defaults)
-        ids, mask = self.tokenizer.encode(req.prompt)
-        if use_cfg(self.is_distilled, req.guidance_scale):
-            # One text-encoder call for both: row 0 the prompt, row 1 the empty negative prompt.
-            ids = np.concatenate([ids, self.negative[0]])
-            mask = np.concatenate([mask, self.negative[1]])
+        ids, mask = self.tokenizer.encode_request(req.prompt, use_cfg(self.is_distilled, req.guidance_scale))
         pixels, shapes = pack_references(req.references)
         return [
             to_triton("input_ids", ids),

@@ -484,3 +484,14 @@ def test_utf8_prompt_bytes_round_trip(prompt_tokenizer, pipeline_tokens):
     assert request.prompt == prompt
     ids, _ = prompt_tokenizer.encode(request.prompt)
     assert np.array_equal(ids, pipeline_tokens(prompt)[0])
+
+
+def test_encode_request_stacks_the_empty_negative_prompt_for_guidance(prompt_tokenizer):
+    tokenizer = prompt_tokenizer
+    ids, mask = tokenizer.encode_request("a cat", guided=False)
+    assert ids.shape == mask.shape == (1, 512)
+    g_ids, g_mask = tokenizer.encode_request("a cat", guided=True)
+    neg_ids, neg_mask = tokenizer.encode("")
+    assert g_ids.shape == (2, 512)
+    assert np.array_equal(g_ids[:1], ids) and np.array_equal(g_ids[1:], neg_ids)
+    assert np.array_equal(g_mask[:1], mask) and np.array_equal(g_mask[1:], neg_mask)
