@@ -17,7 +17,8 @@ import re
 import sys
 import time
 
-from flux2_klein.sizes import DEFAULT_SIZE, size_names
+from flux2_klein import contract as api
+from flux2_klein.sizes import DEFAULT_SIZE, MAX_REFERENCES, size_names
 
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 
@@ -38,18 +39,21 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     g = subparsers.add_parser(
         "generate",
         help="generate one image through tritonclient",
-        description="Generate one image with the Triton model flux2_klein. Options left out take the server's defaults.",
+        description=f"Generate one image with the Triton model {api.MODEL_NAME}. Options left out take the server's "
+                    "defaults.",
     )
     g.add_argument("--prompt", required=True, metavar="TEXT", help="the text prompt (UTF-8)")
     g.add_argument("--size", type=parse_size, default=None, metavar="WxH",
                    help=f"output WIDTHxHEIGHT (default {DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]}); one of {size_names()}")
-    g.add_argument("--seed", type=int, default=None, metavar="N", help="noise seed (default 0)")
+    g.add_argument("--seed", type=int, default=None, metavar="N", help=f"noise seed (default {api.DEFAULT_SEED})")
     g.add_argument("--steps", type=int, default=None, metavar="N",
-                   help="denoising steps, 1..100 (default: 4 for distilled checkpoints, 50 for base)")
+                   help=f"denoising steps, {api.MIN_STEPS}..{api.MAX_STEPS} (default: {api.DEFAULT_STEPS_DISTILLED} "
+                        f"for distilled checkpoints, {api.DEFAULT_STEPS_BASE} for base)")
     g.add_argument("--guidance", type=float, default=None, metavar="F",
-                   help="guidance scale (default: 1.0, ignored, for distilled checkpoints; 4.0 for base)")
+                   help=f"guidance scale (default: {api.DEFAULT_GUIDANCE_DISTILLED}, ignored, for distilled "
+                        f"checkpoints; {api.DEFAULT_GUIDANCE_BASE} for base)")
     g.add_argument("--reference", action="append", default=[], metavar="FILE",
-                   help="a reference image (PNG, JPEG, WebP) for editing; repeat for up to 4")
+                   help=f"a reference image (PNG, JPEG, WebP) for editing; repeat for up to {MAX_REFERENCES}")
     g.add_argument("--url", default=None, metavar="HOST:PORT",
                    help=f"Triton's endpoint (default {DEFAULT_URLS['grpc']} for grpc, {DEFAULT_URLS['http']} for http)")
     g.add_argument("--protocol", choices=PROTOCOLS, default="grpc", help="grpc (default) or http")

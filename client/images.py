@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flux2_klein.contract import read_reference  # its home: the contract says files go as they are
+
 # extension -> (Pillow format, save options)
 FORMATS: dict[str, tuple[str, dict]] = {
     ".png": ("PNG", {}),
@@ -49,15 +51,6 @@ def save_image(array: np.ndarray, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.ascontiguousarray(array)).save(path, format=fmt, **options)
     return path
-
-
-def read_reference(path: str | os.PathLike) -> bytes:
-    """A reference image's file, as the raw encoded bytes the server decodes itself (PNG, JPEG or WebP).
-    Nothing is decoded or re-encoded here, so the server sees exactly the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"reference image not found: {path}")
-    return path.read_bytes()
 
 
 __all__ = ["save_image", "read_reference", "image_format", "EXTENSIONS", "FORMATS"]

@@ -16,17 +16,13 @@ tritonclient is imported lazily, per protocol: the HTTP client pulls in gevent, 
 
 from __future__ import annotations
 
-import operator
-import os
 import re
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
-from .images import read_reference
-
-MODEL_NAME = "flux2_klein"
+from flux2_klein.contract import MODEL_NAME, OUTPUT, Reference, input_arrays
 PROTOCOLS = ("grpc", "http")
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 DEFAULT_TIMEOUT_S = 600.0
@@ -50,8 +46,6 @@ _HTTP_STATUS = {
 }
 # A gRPC UNAVAILABLE that came from the transport (nothing listening, unknown host), not from Triton.
 _CONNECT_FAILURE = re.compile(r"connect|refused|resolution|resolve|unreachable|socket closed", re.IGNORECASE)
-
-Reference = bytes | bytearray | memoryview | str | os.PathLike
 
 
 class GenerationError(Exception):
@@ -101,82 +95,12 @@ def _tc(protocol: str):
 # Request tensors
 # ---------------------------------------------------------------------------------------------------------------
 
-def _reference_bytes(ref: Reference) -> bytes:
-    if isinstance(ref, (bytes, bytearray, memoryview)):
-        return bytes(ref)
-    if isinstance(ref, (str, os.PathLike)):
-        return read_reference(ref)
-    raise TypeError(f"a reference image is encoded file bytes or a path; got {type(ref).__name__}")
-
-
-def input_arrays(
-    prompt: str,
-    *,
-    width: int | None = None,
-    height: int | None = None,
-    seed: int | None = None,
-    steps: int | None = None,
-    guidance: float | None = None,
-    references: Iterable[Reference] = (),
-) -> dict[str, tuple[str, np.ndarray]]:
-    """The request's tensors as {input name: (Triton datatype, numpy array)}, in the contract's types.
-
-    Inputs given as None (and an empty reference list) are left out, so the server's defaults apply.
-    BYTES tensors are numpy object arrays of `bytes`: an 'S' array would drop trailing NUL bytes,
-    which an encoded image may well end with.
-    """
-    if not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a str; got {type(prompt).__name__}")
-    arrays: dict[str, tuple[str, np.ndarray]] = {
-        "prompt": ("BYTES", np.array([prompt.encode("utf-8")], dtype=np.object_)),
-    }
-
-    def integer(name: str, value: Any, dtype, datatype: str) -> None:
-        if value is None:
-            return
-        if isinstance(value, bool):
-            raise TypeError(f"{name} must be an integer; got {value!r}")
-        value = operator.index(value)  # TypeError for floats and strings, rather than truncating
-        info = np.iinfo(dtype)
-        if not info.min <= value <= info.max:
-            raise ValueError(f"{name} must fit {datatype} ({info.min}..{info.max}); got {value}")
-        arrays[name] = (datatype, np.array([value], dtype=dtype))
-
-    integer("height", height, np.int32, "INT32")
-    integer("width", width, np.int32, "INT32")
-    integer("seed", seed, np.int64, "INT64")
-    integer("num_inference_steps", steps, np.int32, "INT32")
-    if guidance is not None:
-        if isinstance(guidance, bool):
-            raise TypeError(f"guidance must be a number; got {guidance!r}")
-        arrays["guidance_scale"] = ("FP32", np.array([float(guidance)], dtype=np.float32))
-
-    refs = [_reference_bytes(r) for r in references]
-    if refs:
-        data = np.empty([len(refs)], dtype=np.object_)  # element-wise, so numpy can't turn it into 'S'
-        for i, ref in enumerate(refs):
-            data[i] = ref
-        arrays["reference_images"] = ("BYTES", data)
-    return arrays
-
-
-def build_inputs(
-    prompt: str,
-    *,
-    width: int | None = None,
-    height: int | None = None,
-    seed: int | None = None,
-    steps: int | None = None,
-    guidance: float | None = None,
-    references: Iterable[Reference] = (),
-    protocol: str = "grpc",
-) -> list:
-    """tritonclient InferInput objects (of `protocol`'s module) for one request; see `input_arrays`."""
+def build_inputs(prompt: str, *, protocol: str = "grpc", **request: Any) -> list:
+    """tritonclient InferInput objects (of `protocol`'s module) for one request; `request` holds
+    `contract.input_arrays`' keyword arguments (width, height, seed, steps, guidance, references)."""
     tc = _tc(protocol)
     inputs = []
-    for name, (datatype, array) in input_arrays(
-        prompt, width=width, height=height, seed=seed, steps=steps, guidance=guidance, references=references
-    ).items():
+    for name, (datatype, array) in input_arrays(prompt, **request).items():
         inp = tc.InferInput(name, list(array.shape), datatype)
         if protocol == "http":
             inp.set_data_from_numpy(array, binary_data=True)  # raw bytes: image files aren't JSON strings
@@ -323,11 +247,11 @@ class Flux2KleinClient:
             references=references, protocol=self.protocol,
         )
         if self.protocol == "http":
-            outputs = [tc.InferRequestedOutput("image", binary_data=True)]
+            outputs = [tc.InferRequestedOutput(OUTPUT.name, binary_data=True)]
         else:
-            outputs = [tc.InferRequestedOutput("image")]
+            outputs = [tc.InferRequestedOutput(OUTPUT.name)]
         result = self._call(self._client.infer, self.model, inputs, outputs=outputs, **self._kw())
-        image = result.as_numpy("image")
+        image = result.as_numpy(OUTPUT.name)
         if image is None or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             got = "nothing" if image is None else f"{image.dtype} {list(image.shape)}"
             raise GenerationError("INTERNAL", f"{self.model} answered {got} for 'image'; expected UINT8 [H, W, 3]")

@@ -188,36 +188,53 @@ def kept_high_precision(names: list[str]) -> list[str]:
     return [n for n in names if any(fnmatch.fnmatch(n, p) for p in KEEP_HIGH_PRECISION)]
 
 
-def export_fp8(checkpoint: str | Path, out_dir: str | Path, *, dtype: str = "bf16",
-               prompts: list[str] | None = None, sizes=CALIBRATION_SIZES, steps: int | None = None) -> Path:
-    """Calibrate, convert and export the FP8 transformer to out_dir/transformer/model.onnx."""
+def calibrate_scales(checkpoint: str | Path, *, dtype: str = "bf16", prompts: list[str] | None = None,
+                     sizes=CALIBRATION_SIZES, steps: int | None = None) -> tuple[dict[str, dict], int]:
+    """Run the real pipeline under ModelOpt; returns (per-layer amax, calibration runs)."""
     from diffusers import Flux2KleinPipeline
 
-    from .onnx_export import DTYPES, export_module, load_wrapper
+    from .onnx_export import DTYPES
 
     ckpt = load_checkpoint(checkpoint)
-    spec = network_specs(ckpt)["transformer"]
-    torch_dtype = DTYPES[dtype]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with step(f"load the pipeline ({dtype}, {device}) for calibration"):
-        pipe = Flux2KleinPipeline.from_pretrained(ckpt.path, dtype=torch_dtype).to(device)
+        pipe = Flux2KleinPipeline.from_pretrained(ckpt.path, dtype=DTYPES[dtype]).to(device)
         pipe.set_progress_bar_config(disable=True)
     plan = CalibrationPlan(prompts=prompts or load_prompts(), sizes=tuple(sizes), steps=steps)
     with step(f"calibrate FP8 on {len(plan.prompts)} prompts"), torch.no_grad():
         calibrate(pipe, plan)
     scales = collect_amax(pipe.transformer)
     del pipe
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the engine builds that follow want the GPU's memory
+    return scales, len(plan.runs)
+
+
+def export_fp8(checkpoint: str | Path, out_dir: str | Path, *, dtype: str = "bf16",
+               prompts: list[str] | None = None, sizes=CALIBRATION_SIZES, steps: int | None = None,
+               scales: dict[str, dict] | None = None) -> Path:
+    """Calibrate (unless `scales` are given, or out_dir/transformer/fp8_scales.json holds an earlier
+    calibration), convert and export the FP8 transformer to out_dir/transformer/model.onnx."""
+    from .onnx_export import DTYPES, export_module, load_wrapper
+
+    ckpt = load_checkpoint(checkpoint)
+    spec = network_specs(ckpt)["transformer"]
+    target = Path(out_dir) / spec.name
+    saved = target / "fp8_scales.json"
+    runs = None
+    if scales is None and saved.is_file():
+        # An hour of calibration on the real model: kept as soon as it is done, reused by a resumed build.
+        log.info("FP8 scales: reusing %s", saved)
+        scales = json.loads(saved.read_text())
+    elif scales is None:
+        scales, runs = calibrate_scales(checkpoint, dtype=dtype, prompts=prompts, sizes=sizes, steps=steps)
+    target.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(scales, indent=1))
     with step("replace calibrated layers by FP8 Q/DQ"):
-        module = load_wrapper(ckpt, "transformer", torch_dtype)
+        module = load_wrapper(ckpt, "transformer", DTYPES[dtype])
         to_qdq(module.transformer, scales)
     kept = sorted({n for n, _ in module.transformer.named_children() if kept_high_precision([n])})
     log.info("FP8 layers: %d; kept in %s: %s", len(scales), dtype, ", ".join(kept))
-    target = Path(out_dir) / spec.name
-    onnx_path = export_module(module, ckpt, spec, target, dtype, precision="fp8",
-                              translations=onnx_translations(),
-                              extra_meta={"fp8_layers": len(scales), "calibration_runs": len(plan.runs),
-                                          "kept_high_precision": list(KEEP_HIGH_PRECISION)})
-    (target / "fp8_scales.json").write_text(json.dumps(scales, indent=1))
-    return onnx_path
-
-
+    return export_module(module, ckpt, spec, target, dtype, precision="fp8", translations=onnx_translations(),
+                         extra_meta={"fp8_layers": len(scales), "calibration_runs": runs,
+                                     "kept_high_precision": list(KEEP_HIGH_PRECISION)})

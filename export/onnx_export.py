@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 OPSET = 18
 # ONNX allows bfloat16 convolutions from opset 22 on: the VAE graphs in bf16 need it to be valid ONNX
-# (TensorRT parses either; other tools check types).
+# (other tools check types). 22 is also what the builders parse: TensorRT 10.13 (Triton 25.10's) and
+# TensorRT-RTX 1.7, see engines.PARSER_OPSETS; build_engine refuses a graph above its builder's.
 OPSET_BF16 = 22  # also FP8 graphs (Q/DQ in float8 needs 19)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROTOBUF_LIMIT = 2**31 - 1
@@ -89,6 +90,9 @@ def export_module(module: torch.nn.Module, ckpt: Checkpoint, spec: NetworkSpec, 
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     onnx_path = target / "model.onnx"
+    # model.json is written last and marks a finished export: a re-export first takes it away, so an
+    # interrupted one is never taken for finished (tensorrt_build.export_graphs resumes on it).
+    (target / "model.json").unlink(missing_ok=True)
     precision = precision or dtype
     rng = np.random.default_rng(0)
     example = example_inputs(spec, rng, batch=2, size=TRACE_SIZE, references=TRACE_REFERENCES)

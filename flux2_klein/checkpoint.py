@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .contract import Defaults
+
 # component folder -> (library, class) as diffusers writes them into model_index.json
 EXPECTED = {
     "transformer": ("diffusers", "Flux2Transformer2DModel"),
@@ -42,11 +44,11 @@ class Checkpoint:
 
     @property
     def default_steps(self) -> int:
-        return 4 if self.is_distilled else 50
+        return Defaults.for_checkpoint(self.is_distilled).num_inference_steps
 
     @property
     def default_guidance(self) -> float:
-        return 1.0 if self.is_distilled else 4.0
+        return Defaults.for_checkpoint(self.is_distilled).guidance_scale
 
     @property
     def text_hidden(self) -> int:

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .contract import PRECISIONS
 from .progress import log, setup_logging
 
 
@@ -133,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", default="", help="with --dry-run: a component-config JSON instead of a checkpoint")
     g.add_argument("--onnx", required=True, help="work folder holding bf16/<network> and fp8/transformer graphs")
     g.add_argument("--out", required=True, help="repository-shaped output: <network>/1/model.plan")
-    g.add_argument("--precision", choices=("fp8", "bf16"), default="fp8")
+    g.add_argument("--precision", choices=PRECISIONS, default="fp8")
     g.add_argument("--opt-level", type=int, default=None, help="builder optimization level (default 3)")
     g.add_argument("--force", action="store_true", help="rebuild even fresh engines")
     g.add_argument("--dry-run", action="store_true", help="print the plan and trtexec equivalents; needs no TensorRT")
@@ -151,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compile", nargs="?", const="default", default="",
                    choices=("default", "max-autotune-no-cudagraphs"),
                    help="torch: run the leaves under torch.compile (optionally a mode)")
-    b.add_argument("--precision", choices=("fp8", "bf16"), default="fp8",
+    b.add_argument("--precision", choices=PRECISIONS, default="fp8",
                    help="tensorrt: the DiT's GEMMs in FP8 or BF16 (default fp8)")
     b.add_argument("--work", default="", help="tensorrt: folder for ONNX graphs and the timing cache "
                                               "(default: REPO.work beside the repository)")

@@ -5,7 +5,7 @@
     pipe = DirectPipeline("REPO")                      # a repository written by `flux2-klein build`
     image = pipe.generate("a red fox", width=1024, height=1024, seed=7)   # uint8 [H, W, 3]
 
-The same steps as the ensemble, in the same order and with the same code: `preprocess.parse_request`
+The same steps as the ensemble, in the same order and with the same code: `request.parse_request`
 and the repository's tokenizer (REPO/preprocess/1/tokenizer), the text encoder, `sampling.sample`
 with the DiT (and the VAE encoder for references) as ONNX Runtime sessions, the VAE decoder. The
 graphs are REPO/<network>/1/model.onnx and each session gets the thread count its Triton model is
@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .preprocess import Defaults, PromptTokenizer, parse_request
+from .contract import Defaults, input_arrays
+from .request import PromptTokenizer, parse_request
 from .sampling import sample, use_cfg
 from .sizes import latent_grid
 from .specs import NETWORKS
@@ -120,7 +121,7 @@ class DirectPipeline:
 
     def infer(self, inputs: Mapping[str, np.ndarray | None]) -> np.ndarray:
         """One request given as the ensemble's input tensors ({name: numpy array}, absent = default);
-        returns the `image` output, uint8 [height, width, 3]. A bad input raises preprocess.InvalidInput."""
+        returns the `image` output, uint8 [height, width, 3]. A bad input raises request.InvalidInput."""
         self.last_timings = {}
         t0 = time.perf_counter()
         req = parse_request(inputs, self.defaults)
@@ -156,8 +157,6 @@ class DirectPipeline:
                  seed: int | None = None, steps: int | None = None, guidance: float | None = None,
                  references: Iterable[bytes] = ()) -> np.ndarray:
         """As `Flux2KleinClient.generate`: the same arguments, the same tensors, the same image."""
-        from .client.triton_client import input_arrays
-
         arrays = input_arrays(prompt, width=width, height=height, seed=seed, steps=steps, guidance=guidance,
                               references=references)
         return self.infer({name: array for name, (_, array) in arrays.items()})

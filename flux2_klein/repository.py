@@ -20,10 +20,11 @@ from importlib import resources
 from pathlib import Path
 
 from .checkpoint import load_checkpoint
+from .contract import PRECISIONS
 from .progress import log, step
 from .specs import NETWORKS, network_specs
 from .triton_config import (
-    ENSEMBLE, GPU_INSTANCES, Instances, ensemble_config, leaf_config, preprocess_config, sampler_config,
+    ENSEMBLE, GPU_INSTANCES, Batching, Instances, ensemble_config, leaf_config, preprocess_config, sampler_config,
 )
 
 GLUE = {"preprocess": "preprocess.py", "sampler": "sampler.py", "onnxruntime": "onnxruntime_leaf.py",
@@ -71,7 +72,19 @@ def _onnx_leaf(repo: Path, ckpt, spec, instances: Instances, *, dtype: str, onnx
     return {"onnx_sha256": json.loads((version / "model.json").read_text())["sha256"]}
 
 
-def _torch_leaf(repo: Path, ckpt, spec, instances: Instances, *, dtype: str, onnx_dir, compile: str = "") -> dict:
+@dataclasses.dataclass(frozen=True)
+class TorchOptions:
+    """The torch runtime's choices (see torch_runtime.py): a torch.compile mode or "", the networks whose
+    GEMMs run in FP8, the sizes warmed at load ("", "all" or "WxH,..."), the DiT batch rows to warm."""
+
+    compile: str = ""
+    fp8: tuple[str, ...] = ()
+    warm_sizes: str = ""
+    max_dit_rows: int = 1
+
+
+def _torch_leaf(repo: Path, ckpt, spec, instances: Instances, *, dtype: str, onnx_dir,
+                torch_options: TorchOptions = TorchOptions()) -> dict:
     """A leaf network as a Python model running the checkpoint's torch module (export/wrappers.py).
 
     No weights enter the repository: the model loads them from the checkpoint path in its config.
@@ -79,9 +92,13 @@ def _torch_leaf(repo: Path, ckpt, spec, instances: Instances, *, dtype: str, onn
     if onnx_dir is not None:
         raise ValueError("onnx: the torch runtime runs the checkpoint's modules and takes no ONNX graphs")
     checkpoint = str(Path(ckpt.path).resolve())
-    params = {"checkpoint": checkpoint, "dtype": dtype, "torch_compile": compile, "intra_op_threads": "1"}
+    o = torch_options
+    fp8 = spec.name in o.fp8
+    params = {"checkpoint": checkpoint, "dtype": dtype, "fp8": str(fp8).lower(), "torch_compile": o.compile,
+              "warm_sizes": o.warm_sizes, "max_dit_rows": str(o.max_dit_rows), "intra_op_threads": "1"}
     _write_model(repo, spec.name, leaf_config(spec, instances, params), _glue("torch"))
-    return {"checkpoint": checkpoint, "dtype": dtype, "torch_compile": compile}
+    return {"checkpoint": checkpoint, "dtype": dtype, "fp8": fp8, "torch_compile": o.compile,
+            "warm_sizes": o.warm_sizes}
 
 
 # runtime -> writer of one leaf model (config, glue, weights); each returns what the manifest records.
@@ -91,16 +108,23 @@ LEAF_WRITERS = {"onnxruntime": _onnx_leaf, "torch": _torch_leaf}
 def build_repository(checkpoint: str | Path, out: str | Path, *, runtime: str = "onnxruntime",
                      dtype: str | None = None, onnx_dir: str | Path | None = None,
                      instances: Instances | None = None, device: str | None = None,
-                     compile: bool | str = False, precision: str = "fp8", work: str | Path | None = None,
-                     opt_level: int | None = None) -> Path:
+                     compile: bool | str = False, precision: str | None = None, work: str | Path | None = None,
+                     opt_level: int | None = None, batching: Batching | None = None,
+                     fp8_text_encoder: bool = False, warm_sizes: str | None = None) -> Path:
     """Assemble REPO from a checkpoint; `onnx_dir` reuses graphs `export onnx` already wrote.
 
     device: "cpu" or "gpu" sets where the models' instances run (default: `instances.kind`, KIND_CPU);
       "gpu" without `instances` takes GPU_INSTANCES' counts (one copy of each network's weights).
     dtype: default bf16 for the torch runtime on a GPU, else fp32.
     compile: torch runtime only; True or a mode of COMPILE_MODES runs the leaves under torch.compile.
-    precision, work, opt_level: tensorrt runtime only (see tensorrt_build.py): the DiT's precision, the
-      folder for ONNX graphs and the timing cache (default REPO.work), the builder optimization level.
+    precision: the DiT's GEMMs, fp8 or bf16: tensorrt (default fp8) and torch on a GPU (default bf16: FP8
+      becomes its default once measured within what `export fp8` accepts); fp8_text_encoder: torch only.
+    warm_sizes: torch only; the sizes every leaf runs once at load ("", "all", "WxH,..."; default "all"
+      when compiling on a GPU, "1024x1024" on a GPU otherwise, "" on a CPU).
+    batching: how the sampler batches concurrent requests (default Batching(); on TensorRT the DiT's rows
+      are capped at its engine's profile maximum).
+    work, opt_level: tensorrt runtime only (see tensorrt_build.py): the folder for ONNX graphs and the
+      timing cache (default REPO.work), the builder optimization level.
     """
     if runtime == "tensorrt":
         from .export.engines import current_target
@@ -109,8 +133,8 @@ def build_repository(checkpoint: str | Path, out: str | Path, *, runtime: str = 
         current_target()  # no TensorRT or no GPU: say so now, not after an hour of export
         ckpt = load_checkpoint(checkpoint)
         work = Path(work) if work else Path(str(Path(out)) + ".work")
-        export_graphs(ckpt, work, precision)
-        writers = {**LEAF_WRITERS, "tensorrt": tensorrt_leaf_writer(work, precision, opt_level)}
+        export_graphs(ckpt, work, precision or "fp8")
+        writers = {**LEAF_WRITERS, "tensorrt": tensorrt_leaf_writer(work, precision or "fp8", opt_level)}
         device = "gpu"
     else:
         writers = LEAF_WRITERS
@@ -123,6 +147,13 @@ def build_repository(checkpoint: str | Path, out: str | Path, *, runtime: str = 
         raise ValueError(f"compile: only the torch runtime compiles; this build's runtime is {runtime}")
     if compile and compile not in COMPILE_MODES:
         raise ValueError(f"compile: mode {compile!r} is not supported; allowed: {', '.join(COMPILE_MODES)}")
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision: {precision!r} is not supported; allowed: {', '.join(PRECISIONS)}")
+    if runtime == "onnxruntime" and precision not in (None, "bf16") or fp8_text_encoder and runtime != "torch":
+        raise ValueError(f"precision: FP8 on runtime {runtime} is not built here; FP8 runs on tensorrt "
+                         "(export fp8) and torch (--device gpu)")
+    if warm_sizes is not None and runtime != "torch":
+        raise ValueError(f"warm_sizes: only the torch runtime warms its leaves; this build's runtime is {runtime}")
 
     ckpt = load_checkpoint(checkpoint)
     specs = network_specs(ckpt)
@@ -131,7 +162,18 @@ def build_repository(checkpoint: str | Path, out: str | Path, *, runtime: str = 
         instances = dataclasses.replace(instances, kind=DEVICES[device])
     gpu = instances.kind == DEVICES["gpu"]
     dtype = dtype or ("bf16" if runtime == "torch" and gpu else "fp32")
-    options = {"compile": compile} if compile else {}  # runtime-specific: only the torch writer takes it
+    batching = batching or Batching()
+    if runtime == "tensorrt":  # an engine takes no more rows than its profiles' maximum
+        engine_rows = max(p.dims["batch"][2] for p in specs["transformer"].profiles)
+        batching = dataclasses.replace(batching, max_dit_rows=min(batching.max_dit_rows, engine_rows))
+    options = {}  # runtime-specific: only the torch writer takes options
+    fp8 = ("transformer",) * (precision == "fp8") + ("text_encoder",) * fp8_text_encoder
+    if runtime == "torch":
+        if fp8 and not gpu:
+            raise ValueError("precision: FP8 GEMMs need a GPU (compute capability 8.9+); use --device gpu")
+        if warm_sizes is None:
+            warm_sizes = ("all" if compile else "1024x1024") if gpu else ""
+        options["torch_options"] = TorchOptions(compile, fp8, warm_sizes, batching.max_dit_rows)
     repo = Path(out)
     repo.mkdir(parents=True, exist_ok=True)
 
@@ -147,7 +189,7 @@ def build_repository(checkpoint: str | Path, out: str | Path, *, runtime: str = 
                            _glue("preprocess"))
         shutil.copytree(ckpt.component("tokenizer"), pre / "tokenizer", dirs_exist_ok=True)
         _write_model(repo, "sampler",
-                     sampler_config(specs["text_encoder"], specs["vae_decoder"], instances,
+                     sampler_config(specs["text_encoder"], specs["vae_decoder"], instances, batching,
                                     {"scheduler_config": json.dumps(ckpt.scheduler),
                                      "channels": str(ckpt.latent_channels)}),
                      _glue("sampler"))
@@ -155,8 +197,10 @@ def build_repository(checkpoint: str | Path, out: str | Path, *, runtime: str = 
 
     manifest = {
         "checkpoint": str(Path(checkpoint).resolve()), "runtime": runtime, "dtype": dtype,
-        **({"precision": precision} if runtime == "tensorrt" else {}),
+        **({"precision": precision or "fp8"} if runtime == "tensorrt" else {}),
+        **({"precision": "fp8" if fp8 else "bf16", "fp8": list(fp8)} if runtime == "torch" else {}),
         "device": "gpu" if gpu else "cpu", "is_distilled": ckpt.is_distilled, "sources": sources,
+        "batching": dataclasses.asdict(batching),
     }
     (repo / "build.json").write_text(json.dumps(manifest, indent=1))
     log.info("repository ready: %s", repo)

@@ -7,7 +7,7 @@ schedule, the initial noise, the position ids, the Euler update and the guidance
 difference from the pipeline is that classifier-free guidance runs the transformer once with a batch of
 two (conditional, unconditional) rather than twice with a batch of one.
 
-The loop (`sample`, `Sampler`) keeps its state - latents, reference tokens, text embeddings, ids, timesteps,
+The loop (`sample_batch`, and `sample` for one request) keeps its state - latents, reference tokens, text embeddings, ids, timesteps,
 sigmas - as torch tensors on one `device`, so that on a GPU nothing leaves it between the sampler and the
 DiT (the Triton glue passes the tensors on by DLPack). Every per-step operation is the torch operation the
 pipeline itself runs, on the same device, so the results are the pipeline's on that device too (this
@@ -229,11 +229,6 @@ def initial_noise_tensor(
     return noise[0].reshape(channels, rows * cols).T.contiguous().to(device)
 
 
-def initial_noise(width: int, height: int, channels: int, seed: int) -> np.ndarray:
-    """`initial_noise_tensor` on the CPU as a numpy array: float32 [h*w, C], C-contiguous."""
-    return initial_noise_tensor(width, height, channels, seed).numpy()
-
-
 def tokens_to_grid(tokens: np.ndarray | torch.Tensor, width: int, height: int) -> np.ndarray | torch.Tensor:
     """[h*w, C] tokens -> [h, w, C], the VAE decoder's input layout; numpy in, numpy out, torch in, torch out.
 
@@ -286,16 +281,6 @@ def text_ids(length: int = TEXT_TOKENS) -> np.ndarray:
 # --------------------------------------------------------------------------------------- step and guidance
 
 
-def euler_step(sample: np.ndarray, velocity: np.ndarray, sigma: np.float32, sigma_next: np.float32) -> np.ndarray:
-    """`FlowMatchEulerDiscreteScheduler.step` (deterministic branch): prev = sample + (sigma_next - sigma) * v.
-
-    The scheduler upcasts to float32 and computes dt first, then one multiply and one add, each rounded to
-    float32; the same order here gives the same bits.
-    """
-    dt = np.float32(sigma_next) - np.float32(sigma)
-    return sample.astype(np.float32, copy=False) + dt * velocity.astype(np.float32, copy=False)
-
-
 def use_cfg(is_distilled: bool, guidance_scale: float) -> bool:
     """Whether classifier-free guidance runs: `guidance_scale > 1 and not is_distilled` (the pipeline's rule).
 
@@ -304,13 +289,8 @@ def use_cfg(is_distilled: bool, guidance_scale: float) -> bool:
     return guidance_scale > 1 and not is_distilled
 
 
-def cfg_combine(cond: np.ndarray, uncond: np.ndarray, guidance_scale: float) -> np.ndarray:
-    """`uncond + scale * (cond - uncond)`, in float32 as torch does it (the scale rounded to float32 first)."""
-    return uncond + np.float32(guidance_scale) * (cond - uncond)
-
-
 def euler_step_torch(sample: torch.Tensor, velocity: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
-    """`euler_step` in torch: `sample + dt * velocity`, float32, as a new tensor (neither input is changed).
+    """The scheduler's deterministic step `sample + dt * velocity` in float32, as a new tensor.
 
     `dt` is the float32 0-d `sigma_next - sigma` (see `step_sizes`) on the tensors' device, as in the
     scheduler. One rounded multiply, then one rounded add (never a fused multiply-add), as the scheduler's
@@ -321,26 +301,80 @@ def euler_step_torch(sample: torch.Tensor, velocity: torch.Tensor, dt: torch.Ten
     return step.add_(sample.to(torch.float32))
 
 
-def cfg_combine_torch(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    """`cfg_combine` in torch: the pipeline's `uncond + guidance_scale * (cond - uncond)`, as a new tensor.
+def cfg_combine_torch(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float | torch.Tensor) -> torch.Tensor:
+    """The pipeline's `uncond + guidance_scale * (cond - uncond)` in float32, as a new tensor.
 
-    The Python-float scale meets a float32 tensor, so torch rounds it to float32 and multiplies in float32,
-    on any device. The multiply and the add run in place on the fresh difference: the same three roundings.
+    A Python-float scale meets a float32 tensor, so torch rounds it to float32 and multiplies in float32,
+    on any device; a float32 tensor of scales (one per batch row, broadcast) gives the same bits row by row.
+    The multiply and the add run in place on the fresh difference: the same three roundings.
     """
     combined = cond - uncond
-    combined.mul_(float(guidance_scale))
+    combined.mul_(guidance_scale if isinstance(guidance_scale, torch.Tensor) else float(guidance_scale))
     return combined.add_(uncond)
 
 
 # ---------------------------------------------------------------------------------------------- the loop
 
-# transformer(hidden_states [B,S,C] float32, encoder_hidden_states [B,512,D] float32, timestep [B] float32,
+# transformer(hidden_states [B,S,C], encoder_hidden_states [B,512,D], timestep [B] float32,
 #             img_ids [S,4] int64, txt_ids [512,4] int64) -> velocity [B,S,C]
-# All inputs are torch tensors on the loop's device; the velocity may be a torch tensor (on any device, of any
-# float dtype: it is moved and cast to float32) or, for convenience, a numpy array.
+# All inputs are torch tensors on the loop's device, hidden and encoder states in the loop's `dit_dtype`
+# (float32 unless the DiT's boundary is declared bf16); the velocity may be a torch tensor (on any device,
+# of any float dtype: it is moved and cast to float32) or, for convenience, a numpy array.
 Transformer = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], "torch.Tensor | np.ndarray"
 ]
+
+
+@dataclass
+class Job:
+    """One request's share of a batched denoising loop: what differs between requests of the same shape.
+
+    prompt_embeds [1, L, D] or [L, D]; negative_prompt_embeds likewise, required when the batch runs
+    classifier-free guidance; references: each reference's tokens, [h_i*w_i, C] or [h_i, w_i, C].
+    """
+
+    prompt_embeds: np.ndarray | torch.Tensor
+    seed: int
+    guidance_scale: float = 1.0
+    negative_prompt_embeds: np.ndarray | torch.Tensor | None = None
+    references: Sequence[np.ndarray | torch.Tensor] = ()
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What requests must share to run in one batched loop: one schedule, one set of position ids."""
+
+    width: int
+    height: int
+    num_steps: int
+    do_cfg: bool
+    reference_grids: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def rows_per_job(self) -> int:
+        """DiT batch rows each request takes: its prompt, and its unconditional twin under guidance."""
+        return 2 if self.do_cfg else 1
+
+
+def plan_batches(shapes: Sequence[Shape], max_rows: int) -> list[list[int]]:
+    """Group request indices into batches of equal `Shape` whose DiT rows fit `max_rows`; oldest first.
+
+    Order inside a batch and between batches follows the requests' order, so the first request of a group
+    is never overtaken by a later one of another shape. A request that alone exceeds `max_rows` still gets a
+    batch of its own (the DiT then answers for it, or fails for it alone).
+    """
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+    batches: list[list[int]] = []
+    open_batch: dict[Shape, list[int]] = {}
+    for i, shape in enumerate(shapes):
+        current = open_batch.get(shape)
+        if current is None or (len(current) + 1) * shape.rows_per_job > max_rows:
+            current = []
+            batches.append(current)
+            open_batch[shape] = current
+        current.append(i)
+    return batches
 
 
 def _tensor(x: np.ndarray | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -355,8 +389,8 @@ def _tensor(x: np.ndarray | torch.Tensor, dtype: torch.dtype, device: torch.devi
     return x.to(device=device, dtype=dtype)
 
 
-def _as_embeds(embeds: np.ndarray | torch.Tensor, name: str, device: torch.device) -> torch.Tensor:
-    embeds = _tensor(embeds, torch.float32, device)
+def _as_embeds(embeds: np.ndarray | torch.Tensor, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    embeds = _tensor(embeds, dtype, device)
     if embeds.ndim == 2:
         embeds = embeds[None]
     if embeds.ndim != 3 or embeds.shape[0] != 1:
@@ -408,15 +442,101 @@ def _velocity(output: Any, shape: tuple[int, ...], device: torch.device) -> torc
     return velocity
 
 
-def _device_of(prompt_embeds: Any, device: str | torch.device | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    if isinstance(prompt_embeds, torch.Tensor):
-        return prompt_embeds.device
-    return torch.device("cpu")
-
-
 @torch.no_grad()
+def sample_batch(
+    transformer: Transformer,
+    jobs: Sequence[Job],
+    *,
+    width: int,
+    height: int,
+    num_steps: int,
+    scheduler_config: Mapping[str, Any],
+    channels: int,
+    do_cfg: bool = False,
+    reference_grids: Sequence[tuple[int, int]] | None = None,
+    step_callback: Callable[[int, torch.Tensor], None] | None = None,
+    device: str | torch.device = "cpu",
+    dit_dtype: torch.dtype = torch.float32,
+) -> list[torch.Tensor]:
+    """Run the klein denoising loop for several requests of one shape at once; return each request's final
+    latents, a float32 [h, w, C] tensor on `device` (contiguous, owned by the caller).
+
+    Every request keeps what makes its picture its own - prompt, seed (the noise is drawn on the CPU from
+    `torch.Generator("cpu").manual_seed(seed)` and moved, as the pipeline does with a CPU generator),
+    guidance scale, references - while the schedule and position ids, which depend only on the shape, are
+    shared. The transformer is called once per step with every request's rows: prompts first, then (with
+    `do_cfg`) each request's unconditional row in the same order. Apart from the DiT's batch size, each
+    request's arithmetic is exactly what it would be alone.
+
+    `reference_grids` (rows, cols) per reference are needed when references are given as [N, C] tokens;
+    every job must have references of these grids. `hidden_states` is ONE buffer reused on every step (the
+    latents are copied into its first h*w rows; the reference rows are written once): the callable must not
+    modify its inputs and must copy `hidden_states` if it needs it after returning. The velocity it returns
+    is read before the next call. `step_callback(i, latents [n, h*w, C])` sees the tokens after each step.
+    `dit_dtype` is the dtype of the DiT's hidden and encoder states at its boundary (float32, or bf16 where
+    the DiT computes in bf16 and its model declares a bf16 boundary); the Euler steps stay float32.
+    """
+    if not jobs:
+        return []
+    device = torch.device(device)
+    rows, cols = latent_grid(width, height)
+    n_noise, n = rows * cols, len(jobs)
+
+    prompts = [_as_embeds(j.prompt_embeds, "prompt_embeds", device, dit_dtype) for j in jobs]
+    states = prompts
+    if do_cfg:
+        if any(j.negative_prompt_embeds is None for j in jobs):
+            raise ValueError("classifier-free guidance needs negative_prompt_embeds")
+        negatives = [_as_embeds(j.negative_prompt_embeds, "negative_prompt_embeds", device, dit_dtype) for j in jobs]
+        for p, q in zip(prompts, negatives):
+            if p.shape != q.shape:
+                raise ValueError(f"negative_prompt_embeds {tuple(q.shape)} != prompt_embeds {tuple(p.shape)}")
+        states = prompts + negatives
+    if len({tuple(s.shape) for s in states}) != 1:
+        raise ValueError(f"prompt embeddings of one batch must share a shape, got {sorted({tuple(s.shape) for s in states})}")
+    encoder_hidden_states = torch.cat(states)
+    batch = encoder_hidden_states.shape[0]
+
+    refs = [_reference_inputs(j.references, reference_grids, channels, device) for j in jobs]
+    grids = refs[0][1]
+    if any(g != grids for _, g in refs):
+        raise ValueError(f"references of one batch must share their grids, got {[g for _, g in refs]}")
+    n_tokens = n_noise + sum(r * c for r, c in grids)
+    img_ids = torch.from_numpy(np.concatenate([latent_ids(width, height), reference_ids(grids)])).to(device)
+    txt_ids = torch.from_numpy(text_ids(prompts[0].shape[1])).to(device)
+    # mu depends on the noise tokens only: the pipeline takes image_seq_len before adding references.
+    timesteps, sigmas = schedule(scheduler_config, image_seq_len=n_noise, num_steps=num_steps)
+    dit_timesteps = transformer_timesteps(torch.from_numpy(timesteps).to(device), batch)  # [steps, B]
+    dts = step_sizes(torch.from_numpy(sigmas).to(device))  # [steps]
+    scales = None
+    if do_cfg:  # each request's scale, rounded to float32 as torch rounds a Python float
+        scales = torch.tensor([float(j.guidance_scale) for j in jobs], dtype=torch.float32, device=device)[:, None, None]
+
+    # The DiT's input buffer: request i's tokens in row i (and, under guidance, in row n + i too); the
+    # reference rows are written here once, the noise rows on every step.
+    hidden = torch.empty((batch, n_tokens, channels), dtype=dit_dtype, device=device)
+    for i, (tokens, _) in enumerate(refs):
+        offset = n_noise
+        for ref in tokens:
+            hidden[i::n, offset : offset + ref.shape[0]] = ref.to(dit_dtype)
+            offset += ref.shape[0]
+    del refs
+
+    latents = torch.stack([initial_noise_tensor(width, height, channels, j.seed, device) for j in jobs])
+    for i in range(num_steps):
+        hidden[:, :n_noise] = latents.repeat(batch // n, 1, 1) if do_cfg else latents
+        output = transformer(hidden, encoder_hidden_states, dit_timesteps[i], img_ids, txt_ids)
+        velocity = _velocity(output, tuple(hidden.shape), device)
+        if do_cfg:
+            v = cfg_combine_torch(velocity[:n, :n_noise], velocity[n:, :n_noise], scales)
+        else:
+            v = velocity[:, :n_noise]
+        latents = euler_step_torch(latents, v, dts[i])
+        if step_callback is not None:
+            step_callback(i, latents)
+    return [tokens_to_grid(latents[k], width, height) for k in range(n)]
+
+
 def sample(
     transformer: Transformer,
     prompt_embeds: np.ndarray | torch.Tensor,
@@ -435,120 +555,14 @@ def sample(
     step_callback: Callable[[int, torch.Tensor], None] | None = None,
     device: str | torch.device | None = None,
 ) -> torch.Tensor:
-    """Run the whole klein denoising loop on `device`; return the final latents, a float32 [h, w, C] torch
-    tensor on `device` (contiguous, owned by the caller: nothing here keeps or reuses it).
-
-    `device` defaults to prompt_embeds' device when that is a torch tensor, else the CPU. The inputs
-    (embeddings, references) may be numpy arrays or torch tensors on any device; they are converted to
-    float32 tensors on `device` once, before the loop. The noise is drawn on the CPU from
-    `torch.Generator("cpu").manual_seed(seed)` and moved, as the pipeline does with a CPU generator.
-
-    `channels` is the DiT's in_channels (packed channels per token). With `do_cfg` (see `use_cfg`), the
-    transformer is called once per step with batch 2, conditional first, and `negative_prompt_embeds` (the
-    pipeline encodes "") is required. Reference tokens follow the noise tokens in `hidden_states` and never
-    change; only the noise part of the velocity is used.
-
-    The transformer gets torch tensors on `device` (see `Transformer`). `hidden_states` is ONE buffer,
-    allocated once per request and reused on every step (the latents are copied into its first h*w rows of
-    each batch row; the reference rows are written once): the callable must not modify its inputs, and must
-    copy `hidden_states` if it needs it after returning (the Triton glue copies it into a Triton tensor by
-    DLPack, which is fine). The other inputs are never written after they are built, so holding them is
-    safe. The velocity it returns is read before the next call, so the callable may reuse its output buffer.
-
-    `step_callback(i, latents)`, if given, sees the [h*w, C] tokens after each step (for progress or
-    cancellation); every step makes a new latents tensor, so the callback may keep it.
-    """
-    device = _device_of(prompt_embeds, device)
-    rows, cols = latent_grid(width, height)
-    n_noise = rows * cols
-    prompt_embeds = _as_embeds(prompt_embeds, "prompt_embeds", device)
-    if do_cfg:
-        if negative_prompt_embeds is None:
-            raise ValueError("classifier-free guidance needs negative_prompt_embeds")
-        negative_prompt_embeds = _as_embeds(negative_prompt_embeds, "negative_prompt_embeds", device)
-        if negative_prompt_embeds.shape != prompt_embeds.shape:
-            raise ValueError(
-                f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} != {tuple(prompt_embeds.shape)}"
-            )
-        encoder_hidden_states = torch.cat([prompt_embeds, negative_prompt_embeds])
-    else:
-        encoder_hidden_states = prompt_embeds.contiguous()
-    batch = encoder_hidden_states.shape[0]
-
-    ref_tokens, grids = _reference_inputs(references, reference_grids, channels, device)
-    n_tokens = n_noise + sum(r * c for r, c in grids)
-    img_ids = torch.from_numpy(np.concatenate([latent_ids(width, height), reference_ids(grids)])).to(device)
-    txt_ids = torch.from_numpy(text_ids(prompt_embeds.shape[1])).to(device)
-    # mu depends on the noise tokens only: the pipeline takes image_seq_len before adding references.
-    timesteps, sigmas = schedule(scheduler_config, image_seq_len=n_noise, num_steps=num_steps)
-    dit_timesteps = transformer_timesteps(torch.from_numpy(timesteps).to(device), batch)  # [steps, B]
-    dts = step_sizes(torch.from_numpy(sigmas).to(device))  # [steps]
-
-    # The DiT's input buffer: the same tokens in every batch row (conditional and unconditional); the
-    # reference rows are written here once, the noise rows on every step.
-    hidden = torch.empty((batch, n_tokens, channels), dtype=torch.float32, device=device)
-    offset = n_noise
-    for ref in ref_tokens:
-        hidden[:, offset : offset + ref.shape[0]] = ref
-        offset += ref.shape[0]
-    del ref_tokens
-
-    latents = initial_noise_tensor(width, height, channels, seed, device)
-    for i in range(num_steps):
-        hidden[:, :n_noise] = latents
-        output = transformer(hidden, encoder_hidden_states, dit_timesteps[i], img_ids, txt_ids)
-        velocity = _velocity(output, tuple(hidden.shape), device)
-        if do_cfg:
-            v = cfg_combine_torch(velocity[0, :n_noise], velocity[1, :n_noise], guidance_scale)
-        else:
-            v = velocity[0, :n_noise]
-        latents = euler_step_torch(latents, v, dts[i])
-        if step_callback is not None:
-            step_callback(i, latents)
-    return tokens_to_grid(latents, width, height)
-
-
-@dataclass
-class Sampler:
-    """What the Triton sampler model builds once at load: the checkpoint's facts plus the DiT callable.
-
-    `scheduler_config` is scheduler/scheduler_config.json, `is_distilled` comes from model_index.json and
-    `channels` is the transformer's in_channels. The config is validated here, at load time, rather than on
-    the first request.
-    """
-
-    transformer: Transformer
-    scheduler_config: Mapping[str, Any]
-    is_distilled: bool
-    channels: int
-
-    def __post_init__(self) -> None:
-        scheduler_options(self.scheduler_config)
-
-    def do_cfg(self, guidance_scale: float) -> bool:
-        return use_cfg(self.is_distilled, guidance_scale)
-
-    def __call__(
-        self,
-        prompt_embeds: np.ndarray | torch.Tensor,
-        *,
-        width: int,
-        height: int,
-        seed: int,
-        num_steps: int,
-        guidance_scale: float = 1.0,
-        negative_prompt_embeds: np.ndarray | torch.Tensor | None = None,
-        references: Sequence[np.ndarray | torch.Tensor] = (),
-        reference_grids: Sequence[tuple[int, int]] | None = None,
-        step_callback: Callable[[int, torch.Tensor], None] | None = None,
-        device: str | torch.device | None = None,
-    ) -> torch.Tensor:
-        """`sample(...)` with CFG decided as the pipeline decides it; returns float32 latents [h, w, C], a
-        torch tensor on `device` (by default prompt_embeds' device if it is a tensor, else the CPU)."""
-        return sample(
-            self.transformer, prompt_embeds, width=width, height=height, seed=seed, num_steps=num_steps,
-            scheduler_config=self.scheduler_config, channels=self.channels, references=references,
-            reference_grids=reference_grids, guidance_scale=guidance_scale,
-            do_cfg=self.do_cfg(guidance_scale), negative_prompt_embeds=negative_prompt_embeds,
-            step_callback=step_callback, device=device,
-        )
+    """One request's loop: `sample_batch` with a single job; returns float32 latents [h, w, C] on `device`
+    (by default prompt_embeds' device when it is a tensor, else the CPU). `step_callback(i, latents)` sees
+    the [h*w, C] tokens after each step."""
+    if device is None:
+        device = prompt_embeds.device if isinstance(prompt_embeds, torch.Tensor) else "cpu"
+    job = Job(prompt_embeds, seed, guidance_scale, negative_prompt_embeds, references)
+    callback = None if step_callback is None else (lambda i, latents: step_callback(i, latents[0]))
+    (latents,) = sample_batch(transformer, [job], width=width, height=height, num_steps=num_steps,
+                              scheduler_config=scheduler_config, channels=channels, do_cfg=do_cfg,
+                              reference_grids=reference_grids, step_callback=callback, device=device)
+    return latents

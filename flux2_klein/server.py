@@ -1,4 +1,5 @@
-"""`flux2-klein serve`: run Triton Inference Server on a repository, in the foreground.
+"""Starting tritonserver on a repository: `TritonProcess` (start, wait until ready, stop, its log), used by
+`flux2-klein serve`, the container, the demo, the tests and the GPU benchmark; and `free_port`.
 
 Uses the container's own `tritonserver` where there is one (NGC images: /opt/tritonserver), else the
 build bundled in the nvidia-pytriton wheel, whose Python backend needs its stub for this interpreter
@@ -10,13 +11,17 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .contract import MODEL_NAME
 
 # Shared memory between Triton and each Python model (one region per instance, in /dev/shm, which
 # counts as memory): tensors here are megabytes (a 1 MP image, a prompt embedding of 512 x 7680
@@ -91,50 +96,201 @@ def server_command(install: TritonInstall, repository: Path, http_port: int, grp
     return cmd + list(extra)
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on at 127.0.0.1 now (the kernel's pick)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def answers_200(url: str, timeout_s: float = 2.0) -> bool:
+    """Whether a GET of `url` answers 200 now; False for any failure to connect or answer."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            return r.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
 def wait_ready(http_port: int, process: subprocess.Popen | None = None, timeout_s: float = 300) -> bool:
     """Poll /v2/health/ready until 200; False if the process exits or time runs out."""
     deadline = time.monotonic() + timeout_s
-    url = f"http://127.0.0.1:{http_port}/v2/health/ready"
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             return False
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return True
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
+        if answers_200(f"http://127.0.0.1:{http_port}/v2/health/ready"):
+            return True
         time.sleep(0.5)
     return False
 
 
+class TritonNotReady(RuntimeError):
+    """tritonserver exited while loading (`exited`) or was not ready in time; the message ends with its log."""
+
+    def __init__(self, message: str, *, exited: bool, log_tail: str = ""):
+        super().__init__(message)
+        self.exited = exited
+        self.log_tail = log_tail
+
+
+# Triton's Python backend now and then aborts while many stubs start on a loaded machine
+# (boost::interprocess::lock_exception, a known Triton issue): that failure, and only that, earns a retry.
+RETRY_MARK = "lock_exception"
+
+
+class TritonProcess:
+    """One tritonserver on `repository`, as a child process.
+
+    Ports left as None are free ones picked now. `env` is the base environment (default os.environ);
+    the tritonserver install's own variables go on top, then `path` entries first on PATH (the Python
+    models' interpreter is the first python on it) and `library_path` entries first on LD_LIBRARY_PATH.
+    `log_path`: stdout and stderr go there (None: inherited). `new_session`: a process group of its
+    own, so a terminal's Ctrl-C does not reach it directly.
+    """
+
+    def __init__(self, repository: str | Path, *, http_port: int | None = None, grpc_port: int | None = None,
+                 metrics_port: int | None = None, extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None,
+                 path: Sequence[str | Path] = (), library_path: Sequence[str | Path] = (),
+                 log_path: str | Path | None = None, cwd: str | Path | None = None,
+                 install: TritonInstall | None = None, new_session: bool = False):
+        self.repository = Path(repository).resolve()
+        self.http_port = http_port or free_port()
+        self.grpc_port = grpc_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.extra_args = tuple(extra_args)
+        self.base_env = dict(os.environ if env is None else env)
+        self.path, self.library_path = [str(p) for p in path], [str(p) for p in library_path]
+        self.log_path = Path(log_path) if log_path is not None else None
+        self.cwd, self.new_session = cwd, new_session
+        self._install = install
+        self.process: subprocess.Popen | None = None
+        self._log = None
+
+    @property
+    def install(self) -> TritonInstall:
+        if self._install is None:
+            self._install = find_tritonserver()
+        return self._install
+
+    # -- what runs ---------------------------------------------------------------------------------------------
+
+    def command(self) -> list[str]:
+        return server_command(self.install, self.repository, self.http_port, self.grpc_port, self.metrics_port,
+                              self.extra_args)
+
+    def environment(self) -> dict[str, str]:
+        env = {**self.base_env, **self.install.env}
+        for key, first in (("PATH", self.path), ("LD_LIBRARY_PATH", self.library_path)):
+            if first:
+                env[key] = os.pathsep.join([*first, *filter(None, [env.get(key)])])
+        return env
+
+    @property
+    def ready_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/v2/health/ready"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"localhost:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"localhost:{self.http_port}"
+
+    def url(self, protocol: str) -> str:
+        return self.grpc_url if protocol == "grpc" else self.http_url
+
+    # -- its life ------------------------------------------------------------------------------------------------
+
+    def start(self) -> TritonProcess:
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = open(self.log_path, "wb")
+        out = self._log if self._log is not None else None
+        self.process = subprocess.Popen(self.command(), env=self.environment(), cwd=self.cwd, stdout=out,
+                                        stderr=subprocess.STDOUT if out is not None else None,
+                                        start_new_session=self.new_session)
+        return self
+
+    def wait_ready(self, timeout_s: float = 600) -> None:
+        """Return once /v2/health/ready answers 200; else stop it and raise TritonNotReady."""
+        if wait_ready(self.http_port, self.process, timeout_s):
+            return
+        exited = self.process.poll() is not None
+        self.stop()
+        tail = self.log_tail()
+        what = f"exited with status {self.process.returncode} while loading" if exited else \
+            f"was not ready within {timeout_s:.0f} s"
+        raise TritonNotReady(f"tritonserver on {self.repository} {what}; its log ends:\n{tail}",
+                             exited=exited, log_tail=tail)
+
+    def stop(self, timeout_s: float = 60) -> int | None:
+        """SIGTERM (Triton finishes the requests in flight), SIGKILL after `timeout_s`; the exit status."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return self.process.returncode if self.process is not None else None
+
+    def log_tail(self, chars: int = 6000) -> str:
+        if self.log_path is None or not self.log_path.is_file():
+            return "(no log file: it went to this process's output)"
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    @classmethod
+    def launch(cls, repository: str | Path, *, log_path: str | Path, timeout_s: float = 600, **kwargs) -> TritonProcess:
+        """Start and wait until ready, with one more start (new ports, log `<stem>-2<suffix>`) when the
+        first died of RETRY_MARK."""
+        log_path = Path(log_path)
+        for attempt in (1, 2):
+            where = log_path if attempt == 1 else log_path.with_name(f"{log_path.stem}-2{log_path.suffix}")
+            server = cls(repository, log_path=where, **kwargs).start()
+            try:
+                server.wait_ready(timeout_s)
+                return server
+            except TritonNotReady as e:
+                if attempt == 2 or RETRY_MARK not in e.log_tail:
+                    raise
+        raise AssertionError("unreachable")
+
+    def __enter__(self) -> TritonProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 def serve(repository: str | Path, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
           extra: tuple[str, ...] = ()) -> int:
-    """Run tritonserver until it exits or we are told to stop; its exit status is ours."""
+    """Run tritonserver in the foreground until it exits or we are told to stop; its exit status is ours."""
     repository = Path(repository).resolve()
-    if not (repository / "flux2_klein" / "config.pbtxt").is_file():
-        raise FileNotFoundError(f"repository: {repository} has no flux2_klein/config.pbtxt; "
+    if not (repository / MODEL_NAME / "config.pbtxt").is_file():
+        raise FileNotFoundError(f"repository: {repository} has no {MODEL_NAME}/config.pbtxt; "
                                 "run `flux2-klein build` first")
-    install = find_tritonserver()
-    env = {**os.environ, **install.env}
-    process = subprocess.Popen(server_command(install, repository, http_port, grpc_port, metrics_port, extra),
-                               env=env)
+    server = TritonProcess(repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                           extra_args=extra).start()
 
     def stop(signum, _frame):
         # Triton finishes the requests in flight on SIGTERM, then exits.
-        process.send_signal(signal.SIGTERM)
+        server.process.send_signal(signal.SIGTERM)
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         while True:
             try:
-                code = process.wait(timeout=1)
+                code = server.process.wait(timeout=1)
                 break
             except subprocess.TimeoutExpired:
                 continue
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        if process.poll() is None:
-            process.kill()
+        if server.process.poll() is None:
+            server.process.kill()
     return code

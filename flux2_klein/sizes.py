@@ -49,3 +49,12 @@ def reference_token_bounds() -> tuple[int, int]:
     """Fewest and most tokens a single preprocessed reference image can have."""
     side = REFERENCE_MIN_SIDE // PIXELS_PER_TOKEN_SIDE
     return side * side, REFERENCE_MAX_AREA // PIXELS_PER_TOKEN_SIDE**2
+
+
+def parse_size(text: str, field: str = "size") -> tuple[int, int]:
+    """"WIDTHxHEIGHT" -> (width, height); any size, checked against SIZES where that matters."""
+    try:
+        width, height = (int(v) for v in text.strip().lower().split("x"))
+    except ValueError:
+        raise ValueError(f"{field}: {text!r} is not WIDTHxHEIGHT (e.g. 1024x1024)") from None
+    return width, height

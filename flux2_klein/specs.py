@@ -17,7 +17,8 @@ import numpy as np
 
 from .checkpoint import TEXT_ENCODER_OUT_LAYERS, Checkpoint
 from .sizes import (
-    MAX_REFERENCES, PIXELS_PER_TOKEN_SIDE, REFERENCE_MAX_SIDE, REFERENCE_MIN_SIDE, SIZES, TEXT_TOKENS,
+    MAX_REFERENCES, PIXELS_PER_TOKEN_SIDE, REFERENCE_MAX_AREA, REFERENCE_MAX_SIDE, REFERENCE_MIN_SIDE, SIZES,
+    TEXT_TOKENS,
     image_tokens, latent_grid, reference_token_bounds,
 )
 
@@ -153,14 +154,43 @@ def vae_decoder_spec(ckpt: Checkpoint) -> NetworkSpec:
     )
 
 
+# TensorRT sizes activation memory for a profile's largest shape, and one box of 64..2896 pixels a side
+# would admit 2896 x 2896 (8.4 MP, the VAE's mid-block attention alone tens of GB) where preprocessing
+# caps references at 1 MP. So references get aspect buckets: boxes of at most this many pixels that
+# together hold every shape preprocessing can produce (sides multiples of 16 in 64..2896, area <= 1 MP).
+REFERENCE_PROFILE_MAX_AREA = 3 * REFERENCE_MAX_AREA // 2
+
+
+def _floor16(x: float) -> int:
+    return int(x) // PIXELS_PER_TOKEN_SIDE * PIXELS_PER_TOKEN_SIDE
+
+
+def reference_profiles() -> tuple[Profile, ...]:
+    """A square bucket up to 1024 a side, then tall buckets (and the same transposed, wide) over the
+    longer side, each as wide as the 1 MP area allows at its shortest height."""
+    side = _floor16(REFERENCE_MAX_AREA ** 0.5)
+    lo_side, step = REFERENCE_MIN_SIDE, PIXELS_PER_TOKEN_SIDE
+    tall, lo = [], side + step
+    while lo <= REFERENCE_MAX_SIDE:
+        short = min(REFERENCE_MAX_SIDE, _floor16(REFERENCE_MAX_AREA / lo))
+        hi = min(REFERENCE_MAX_SIDE, _floor16(REFERENCE_PROFILE_MAX_AREA / short))
+        long_opt = _floor16((lo * hi) ** 0.5)
+        tall.append(((lo, long_opt, hi), (lo_side, min(short, _floor16(REFERENCE_MAX_AREA / long_opt)), short)))
+        lo = hi + step
+    return (
+        Profile("square", {"height": (lo_side, side, side), "width": (lo_side, side, side)}),
+        *(Profile(f"tall{i}", {"height": h, "width": w}) for i, (h, w) in enumerate(tall, 1)),
+        *(Profile(f"wide{i}", {"height": w, "width": h}) for i, (h, w) in enumerate(tall, 1)),
+    )
+
+
 def vae_encoder_spec(ckpt: Checkpoint) -> NetworkSpec:
     channels = ckpt.latent_channels
-    lo, hi = REFERENCE_MIN_SIDE, REFERENCE_MAX_SIDE
     return NetworkSpec(
         name="vae_encoder",
         inputs=(Tensor("image", "uint8", ("height", "width", 3)),),
         outputs=(Tensor("tokens", "float32", ("ref_tokens", channels)),),
-        profiles=(Profile("reference", {"height": (lo, 1024, hi), "width": (lo, 1024, hi)}),),
+        profiles=reference_profiles(),
         derived={"height": ("token_rows", PIXELS_PER_TOKEN_SIDE), "width": ("token_cols", PIXELS_PER_TOKEN_SIDE)},
         config={"channels": channels},
     )

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from .checkpoint import Checkpoint
+from .export.graph_checks import activation_estimate, instance_estimate
 from .progress import log, step
 from .specs import NETWORKS, NetworkSpec, network_specs
 from .triton_config import Instances, plan_config
@@ -36,29 +37,41 @@ def engine_plans(ckpt: Checkpoint, repo: Path, work: Path, precision: str, opt_l
     ]
 
 
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
 def describe_plan(ckpt: Checkpoint, repo: Path, work: Path, precision: str, opt_level: int | None = None) -> str:
-    lines = [f"checkpoint: {ckpt.path}", f"repository: {repo}", f"work folder (ONNX, timing cache): {work}", ""]
+    lines = [f"checkpoint: {ckpt.path}", f"repository: {repo}", f"work folder (ONNX graphs, FP8 calibration, timing cache; finished pieces are reused): {work}", ""]
     for plan in engine_plans(ckpt, repo, work, precision, opt_level):
         export = ("export fp8 (ModelOpt calibration on export/calibration_prompts.txt, Q/DQ)"
                   if plan.precision == "fp8" else "export onnx --dtype bf16")
         lines += [f"[{plan.spec.name}] {plan.precision}: {export}", f"  graph:  {plan.onnx_path}",
                   f"  engine: {plan.engine_path} (+ {plan.metadata_path.name}: TensorRT, GPU, profiles, graph hash)"]
-        for profile in plan.profiles():
+        for profile, spec_profile in zip(plan.profiles(), plan.spec.profiles):
             shapes = "; ".join(f"{n} {' / '.join('x'.join(map(str, s)) for s in mm)}" for n, mm in profile["shapes"].items())
+            est = activation_estimate(plan.spec, ckpt, spec_profile)
             lines.append(f"  profile {profile['name']} (min / opt / max): {shapes}")
-        lines += [f"  {plan.trtexec()}", ""]
+            lines.append(f"    activations at max: {_gib(est.bytes)}"
+                         + ("" if est.fused else " (attention counted unfused)")
+                         + (f"; {_gib(est.activations + est.attention_scores)} if attention is not fused"
+                            if est.fused else ""))
+        lines += [f"  per Triton instance (one context per profile, ON_PROFILE_CHANGE): up to "
+                  f"{_gib(instance_estimate(plan.spec, ckpt))} of activations", f"  {plan.trtexec()}", ""]
     return "\n".join(lines)
 
 
 def export_graphs(ckpt: Checkpoint, work: Path, precision: str) -> None:
-    """The ONNX graphs the plans read: BF16 for all, plus the FP8 DiT."""
+    """The ONNX graphs the plans read: BF16 for all, plus the FP8 DiT. Finished pieces in `work` are kept
+    (an FP8 calibration too, in fp8/transformer/fp8_scales.json), so a failed build resumes; keep `work`
+    on a persistent volume, keyed by checkpoint and code, for that to help."""
     from .export.fp8 import export_fp8
     from .export.onnx_export import export_network
 
     specs = network_specs(ckpt)
     for name in NETWORKS:
         target = work / network_precision(name, precision) / name
-        if (target / "model.json").is_file():
+        if (target / "model.json").is_file():  # written last: the export finished
             log.info("%s: reusing %s", name, target)
             continue
         if network_precision(name, precision) == "fp8":
@@ -67,14 +80,15 @@ def export_graphs(ckpt: Checkpoint, work: Path, precision: str) -> None:
             export_network(ckpt, specs[name], target, "bf16")
 
 
-def tensorrt_leaf_writer(work: Path, precision: str, opt_level: int | None = None, trt=None):
-    """A LEAF_WRITERS entry: build (or reuse) the engine and write its tensorrt_plan config."""
+def tensorrt_leaf_writer(work: Path, precision: str, opt_level: int | None = None, trt=None, target=None):
+    """A LEAF_WRITERS entry: build (or reuse) the engine and write its tensorrt_plan config. `trt` and
+    `target` default to $FLUX2_KLEIN_TENSORRT and $FLUX2_KLEIN_TENSORRT_TARGET, else the present GPU."""
     from .export.engines import build_engine
 
     def write(repo: Path, ckpt: Checkpoint, spec: NetworkSpec, instances: Instances, **_) -> dict:
         (plan,) = [p for p in engine_plans(ckpt, repo, work, precision, opt_level) if p.spec.name == spec.name]
         with step(f"{spec.name}: engine"):
-            build_engine(plan, trt=trt)
+            build_engine(plan, trt=trt, target=target)
         (repo / spec.name / "config.pbtxt").write_text(plan_config(spec, instances))
         return json.loads(plan.metadata_path.read_text())
 

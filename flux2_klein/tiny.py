@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -119,16 +120,21 @@ def _scale_(module, factor: float, names: tuple[str, ...] = ("weight",)) -> None
                 param.mul_(factor)
 
 
-def _build_text_encoder(config: dict, tokenizer, tune: bool):
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+def _text_encoder_config(config: dict, tokenizer):
+    from transformers import Qwen3Config
 
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     config.setdefault("vocab_size", len(tokenizer))
-    te_config = Qwen3Config(
+    return Qwen3Config(
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **config
     )
-    text_encoder = Qwen3ForCausalLM(te_config).eval()
+
+
+def _build_text_encoder(config: dict, tokenizer, tune: bool):
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    text_encoder = Qwen3ForCausalLM(_text_encoder_config(config, tokenizer)).eval()
     if tune:
         # Default init (std 0.02) leaves 28 layers of residual stream dominated by the embedding;
         # larger weights make the chosen hidden layers differ from each other and between prompts.
@@ -160,10 +166,15 @@ def _build_vae(config: dict, tune: bool):
 
     vae = AutoencoderKLFlux2(**config).eval()
     with torch.no_grad():
-        # Non-trivial latent statistics, so a missing (de)normalisation shows in every test.
+        # Non-trivial latent statistics, so a missing (de)normalisation shows in every test. A quarter of
+        # the channels get variances of the order of batch_norm_eps, so that a dropped or doubled eps
+        # moves a tenth of all pixel values (with variances near 1 it moved 0.2% of them by 1).
         channels = vae.bn.running_mean.shape[0]
         vae.bn.running_mean.copy_(torch.randn(channels) * 0.5)
-        vae.bn.running_var.copy_(torch.rand(channels) * 1.5 + 0.5)
+        var = torch.rand(channels) * 1.5 + 0.5
+        near_eps = channels // 4
+        var[-near_eps:] = torch.rand(near_eps) * 2 * vae.config.batch_norm_eps
+        vae.bn.running_var.copy_(var)
     if tune:
         _scale_(vae.decoder, 1.5)
     return vae
@@ -171,21 +182,14 @@ def _build_vae(config: dict, tune: bool):
 
 def write_random_checkpoint(out: Path, configs: dict, *, seed: int = 0, distilled: bool = True,
                             dtype: str = "float32", tune: bool = False) -> Path:
-    """A random-weight checkpoint in diffusers layout for the given component configs.
-
-    Components are built and saved one at a time, so a full-size (4B) checkpoint needs one network's
-    memory, not three. `tune` applies the tiny model's weight scaling (see the module docstring).
+    """A random-weight checkpoint in diffusers layout, the networks built (and initialised) by their own
+    classes and saved one at a time. Right for small configs; `tune` applies the tiny model's weight scaling
+    (see the module docstring). Full-size configs go through `write_fast_random_checkpoint`.
     """
-    import diffusers
     import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    tokenizer = make_tokenizer()
-    tokenizer.save_pretrained(out / "tokenizer")
-    FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
+    tokenizer = _write_tokenizer_and_scheduler(out)
     builders = {
         "text_encoder": lambda: _build_text_encoder(configs["text_encoder"], tokenizer, tune),
         "transformer": lambda: _build_transformer(configs["transformer"], tune),
@@ -201,6 +205,24 @@ def write_random_checkpoint(out: Path, configs: dict, *, seed: int = 0, distille
         module.save_pretrained(out / name, safe_serialization=True)
         log.info("wrote %s (%.1f M parameters)", name, sum(p.numel() for p in module.parameters()) / 1e6)
         del module
+    _write_model_index(out, distilled, tokenizer)
+    return Path(out)
+
+
+def _write_tokenizer_and_scheduler(out: Path):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tokenizer()
+    tokenizer.save_pretrained(out / "tokenizer")
+    FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
+    return tokenizer
+
+
+def _write_model_index(out: Path, distilled: bool, tokenizer) -> None:
+    import diffusers
+
     index = {
         "_class_name": "Flux2KleinPipeline",
         "_diffusers_version": diffusers.__version__,
@@ -211,8 +233,7 @@ def write_random_checkpoint(out: Path, configs: dict, *, seed: int = 0, distille
         "transformer": ["diffusers", "Flux2Transformer2DModel"],
         "vae": ["diffusers", "AutoencoderKLFlux2"],
     }
-    (out / "model_index.json").write_text(json.dumps(index, indent=2))
-    return out
+    (Path(out) / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
 def make_tiny(out: Path, seed: int = 0, distilled: bool = True) -> Path:
@@ -222,11 +243,127 @@ def make_tiny(out: Path, seed: int = 0, distilled: bool = True) -> Path:
     return Path(out)
 
 
-def make_full_size(out: Path, config_file: Path, seed: int = 0, dtype: str = "bfloat16") -> Path:
-    """A random-weight checkpoint of the geometry in `config_file` (e.g. shared/configs/flux2-klein-4b.json)."""
+def make_full_size(out: Path, config_file: Path, seed: int = 0, dtype: str = "bfloat16",
+                   workers: int | None = None) -> Path:
+    """A random-weight checkpoint of the geometry in `config_file` (e.g. shared/configs/flux2-klein-4b.json),
+    written without building the networks (see `write_fast_random_checkpoint`)."""
     cfg = json.loads(Path(config_file).read_text())
     distilled = bool(cfg.get("pipeline", {}).get("is_distilled", True))
-    return write_random_checkpoint(out, cfg, seed=seed, distilled=distilled, dtype=dtype)
+    return write_fast_random_checkpoint(out, cfg, seed=seed, distilled=distilled, dtype=dtype, workers=workers)
+
+
+# ------------------------------------------------------------------------------ full size, without modules
+
+# safetensors' names for the dtypes a random checkpoint holds.
+_SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "int64": "I64"}
+
+
+def _meta_components(configs: dict, tokenizer) -> dict:
+    """Each network built on the meta device: its classes' parameter names and shapes, no memory, no init."""
+    import torch
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+    from transformers import Qwen3ForCausalLM
+
+    with torch.device("meta"):
+        return {
+            "text_encoder": Qwen3ForCausalLM(_text_encoder_config(configs["text_encoder"], tokenizer)),
+            "transformer": Flux2Transformer2DModel(**configs["transformer"]),
+            "vae": AutoencoderKLFlux2(**configs["vae"]),
+        }
+
+
+def _random_value(name: str, meta, dtype, generator):
+    """The value a fresh network would start from, drawn fast: norm gains and running variances 1, biases and
+    running means 0, every matrix or kernel normal with std 1/sqrt(fan-in) so that activations stay O(1)."""
+    import torch
+
+    if not meta.is_floating_point():
+        return torch.zeros(meta.shape, dtype=meta.dtype)  # BatchNorm's num_batches_tracked
+    if meta.ndim >= 2:
+        fan_in = meta.numel() // meta.shape[0]
+        return torch.empty(meta.shape, dtype=dtype).normal_(0.0, fan_in**-0.5, generator=generator)
+    if name.rsplit(".", 1)[-1] in ("weight", "running_var"):  # every 1-D weight here is a norm's gain
+        return torch.ones(meta.shape, dtype=dtype)
+    return torch.zeros(meta.shape, dtype=dtype)
+
+
+def _write_safetensors(path: Path, entries: list, make, workers: int) -> None:
+    """Write a safetensors file tensor by tensor: the header first (it needs only names, dtypes and shapes),
+    then each tensor as `make(i)` returns it, made `workers` at a time in threads (torch releases the GIL
+    while it draws) and written in order, so memory holds a few tensors, never the whole file."""
+    import struct
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    def raw(tensor):
+        return tensor.reshape(-1).view(torch.uint8).numpy()
+
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in entries:
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[str(dtype).removeprefix("torch.")], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format aligns the data to 8 bytes
+    with open(path, "wb") as f, ThreadPoolExecutor(workers) as pool:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        pending: deque = deque()
+        for i in range(len(entries)):
+            pending.append(pool.submit(make, i))
+            while len(pending) > 2 * workers:
+                f.write(raw(pending.popleft().result()))
+        while pending:
+            f.write(raw(pending.popleft().result()))
+
+
+def write_fast_random_checkpoint(out: Path, configs: dict, *, seed: int = 0, distilled: bool = True,
+                                 dtype: str = "bfloat16", workers: int | None = None) -> Path:
+    """A random-weight checkpoint in diffusers layout, loadable by `Flux2KleinPipeline.from_pretrained`,
+    written in seconds: the networks are built on the meta device only for their configs and parameter
+    names and shapes, and the random tensors go straight into one safetensors file per network. Tensor
+    i of network k is drawn from its own generator, seeded by (seed, k, i): the same file whatever `workers`.
+    """
+    import os
+
+    import numpy as np
+    import torch
+    from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+    from transformers.utils import SAFE_WEIGHTS_NAME
+
+    workers = workers or os.cpu_count() or 1
+    target = getattr(torch, dtype)
+    out = Path(out)
+    tokenizer = _write_tokenizer_and_scheduler(out)
+    for k, (name, module) in enumerate(_meta_components(configs, tokenizer).items()):
+        folder = out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        state = module.state_dict()
+        if name == "text_encoder":
+            module.config.dtype = dtype
+            module.config.save_pretrained(folder)
+            weights = SAFE_WEIGHTS_NAME
+            if module.config.tie_word_embeddings:  # loaded from the embedding, as transformers saves it
+                for tied in getattr(module, "_tied_weights_keys", None) or ():
+                    state.pop(tied, None)
+        else:
+            module.save_config(folder)
+            weights = SAFETENSORS_WEIGHTS_NAME
+        names = list(state)
+        entries = [(n, tuple(state[n].shape), target if state[n].is_floating_point() else state[n].dtype)
+                   for n in names]
+
+        def make(i, names=names, state=state, k=k):
+            generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, k, i]).generate_state(1)[0]))
+            return _random_value(names[i], state[names[i]], target, generator)
+
+        _write_safetensors(folder / weights, entries, make, workers)
+        log.info("wrote %s (%.1f M values)", name, sum(math.prod(e[1]) for e in entries) / 1e6)
+    _write_model_index(out, distilled, tokenizer)
+    return out
 
 
 def model_index(ckpt: Path) -> dict:

@@ -9,39 +9,63 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from .contract import INPUTS, MODEL_NAME, OUTPUT
+from .sizes import TEXT_TOKENS
 from .specs import NetworkSpec, Tensor
 
 TRITON_TYPES = {
     "float32": "TYPE_FP32", "int64": "TYPE_INT64", "int32": "TYPE_INT32", "uint8": "TYPE_UINT8",
-    "bytes": "TYPE_STRING", "bfloat16": "TYPE_BF16", "float16": "TYPE_FP16",
+    "bytes": "TYPE_STRING", "bfloat16": "TYPE_BF16", "float16": "TYPE_FP16", "bool": "TYPE_BOOL",
 }
 
-ENSEMBLE = "flux2_klein"
+ENSEMBLE = MODEL_NAME
 
-# CONTRACT.md section 3: the ensemble's inputs (and which Triton may let through absent) and its output.
-# `prompt` is required, but declared optional: Triton does not check an ensemble's required inputs, and a
-# request without one would stall the ensemble ("unexpected deadlock"); preprocess rejects it by name.
-API_INPUTS = (
-    (Tensor("prompt", "bytes", (1,)), True),
-    (Tensor("height", "int32", (1,)), True),
-    (Tensor("width", "int32", (1,)), True),
-    (Tensor("seed", "int64", (1,)), True),
-    (Tensor("num_inference_steps", "int32", (1,)), True),
-    (Tensor("guidance_scale", "float32", (1,)), True),
-    (Tensor("reference_images", "bytes", ("n",)), True),
-)
-API_OUTPUT = Tensor("image", "uint8", ("height", "width", 3))
+# CONTRACT.md section 3 (stated in contract.py): the ensemble's inputs, with whether Triton may let
+# each through absent, and its output.
+API_INPUTS = tuple((Tensor(t.name, t.dtype, t.shape), t.optional) for t in INPUTS)
+API_OUTPUT = Tensor(OUTPUT.name, OUTPUT.dtype, OUTPUT.shape)
 
-# What preprocess hands on, validated and with defaults applied, besides the text encoder's inputs.
-REQUEST_PARAMS = (
+# What preprocess hands the sampler besides the text encoder's inputs: one request, validated, defaults
+# applied, the guidance decision made (`guided`; under guidance the sampler also needs the empty negative
+# prompt's tokens). The sampler batches requests (Triton's dynamic batcher), and a batching model's tensors
+# carry the batch as their first dimension: shapes here are the sampler's, preprocess adds a leading 1.
+SAMPLER_INPUTS = (
     Tensor("height", "int32", (1,)),
     Tensor("width", "int32", (1,)),
     Tensor("seed", "int64", (1,)),
     Tensor("num_inference_steps", "int32", (1,)),
     Tensor("guidance_scale", "float32", (1,)),
+    Tensor("guided", "bool", (1,)),
     Tensor("reference_pixels", "uint8", ("bytes",)),
     Tensor("reference_shapes", "int32", ("n", 2)),
+    Tensor("negative_input_ids", "int64", (TEXT_TOKENS,)),
+    Tensor("negative_attention_mask", "int64", (TEXT_TOKENS,)),
 )
+# References differ in size from request to request: the batcher may still put them in one execute()
+# (the sampler groups by shape itself).
+RAGGED = ("reference_pixels", "reference_shapes")
+# The network that takes the sampler's output; its input gets the batch dimension back (see leaf_inputs).
+SAMPLER_CONSUMER = "vae_decoder"
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How the sampler batches concurrent requests (Triton's dynamic batcher on the sampler model).
+
+    max_requests: requests per denoising loop (each takes 1 DiT row, 2 under guidance); max_dit_rows: the
+    DiT's batch limit (a TensorRT engine's profile maximum; PyTorch and ONNX Runtime take any);
+    queue_delay_us: how long a request may wait for others before its loop starts (0: it only joins
+    requests already queued, so one client alone never waits).
+    """
+
+    max_requests: int = 4
+    max_dit_rows: int = 8
+    queue_delay_us: int = 0
+
+    def __post_init__(self):
+        if self.max_requests < 1 or self.max_dit_rows < 1 or self.queue_delay_us < 0:
+            raise ValueError(f"batching: max_requests and max_dit_rows must be >= 1 and queue_delay_us >= 0, "
+                             f"got {self}")
 
 
 @dataclass(frozen=True)
@@ -61,14 +85,30 @@ def _dims(t: Tensor) -> str:
     return "[ " + ", ".join(str(d) if isinstance(d, int) else "-1" for d in t.shape) + " ]"
 
 
-def _tensor(t: Tensor, optional: bool = False) -> str:
-    opt = " optional: true" if optional else ""
-    return f'  {{ name: "{t.name}" data_type: {TRITON_TYPES[t.dtype]} dims: {_dims(t)}{opt} }}'
+def _tensor(t: Tensor, optional: bool = False, ragged: bool = False, reshape: tuple | None = None) -> str:
+    extra = " optional: true" if optional else ""
+    extra += " allow_ragged_batch: true" if ragged else ""
+    if reshape is not None:
+        extra += f" reshape: {{ shape: {_dims(Tensor(t.name, t.dtype, reshape))} }}"
+    return f'  {{ name: "{t.name}" data_type: {TRITON_TYPES[t.dtype]} dims: {_dims(t)}{extra} }}'
 
 
-def _io(kind: str, tensors, optional: tuple[str, ...] = ()) -> str:
-    body = ",\n".join(_tensor(t, t.name in optional) for t in tensors)
+def _io(kind: str, tensors, optional: tuple[str, ...] = (), ragged: tuple[str, ...] = ()) -> str:
+    body = ",\n".join(_tensor(t, t.name in optional, t.name in ragged) for t in tensors)
     return f"{kind} [\n{body}\n]"
+
+
+def _with_batch(t: Tensor) -> Tensor:
+    return Tensor(t.name, t.dtype, (1, *t.shape))
+
+
+def leaf_inputs(spec: NetworkSpec) -> str:
+    """A leaf's input block. The sampler's consumer receives the sampler's output with its batch dimension
+    (a leading 1): Triton's `reshape` drops it before the network, whose tensors stay the spec's."""
+    if spec.name != SAMPLER_CONSUMER:
+        return _io("input", spec.inputs)
+    body = ",\n".join(_tensor(_with_batch(t), reshape=t.shape) for t in spec.inputs)
+    return f"input [\n{body}\n]"
 
 
 def _params(params: dict[str, str]) -> str:
@@ -82,14 +122,15 @@ def _instances(count: int, kind: str) -> str:
 
 
 def python_model(name: str, inputs, outputs, *, instances: int, kind: str, optional=(), params=None,
-                 extra: str = "") -> str:
+                 extra: str = "", input_block: str | None = None, max_batch_size: int = 0,
+                 ragged: tuple[str, ...] = ()) -> str:
     params = dict(params or {})
     if kind == "KIND_GPU":
         # Let GPU tensors reach the model as GPU tensors (DLPack), instead of being copied to the host.
         params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
     parts = [
-        f'name: "{name}"', 'backend: "python"', "max_batch_size: 0",
-        _io("input", inputs, optional), _io("output", outputs), _instances(instances, kind),
+        f'name: "{name}"', 'backend: "python"', f"max_batch_size: {max_batch_size}",
+        input_block or _io("input", inputs, optional, ragged), _io("output", outputs), _instances(instances, kind),
         _params(params), extra,
     ]
     return "\n".join(p for p in parts if p) + "\n"
@@ -100,27 +141,35 @@ def leaf_config(spec: NetworkSpec, instances: Instances, params: dict[str, str])
     # repeated prompt skips it. (Every model is deterministic, but the others' inputs rarely repeat.)
     cache = "response_cache { enable: true }" if spec.name == "text_encoder" else ""
     return python_model(spec.name, spec.inputs, spec.outputs, instances=getattr(instances, spec.name),
-                        kind=instances.kind, params=params, extra=cache)
+                        kind=instances.kind, params=params, extra=cache, input_block=leaf_inputs(spec))
 
 
 def preprocess_config(text_encoder: NetworkSpec, instances: Instances, params: dict[str, str]) -> str:
     inputs = [t for t, _ in API_INPUTS]
     optional = tuple(t.name for t, opt in API_INPUTS if opt)
     # Host work (tokenizing, decoding images) whatever the leaves run on.
-    return python_model("preprocess", inputs, list(text_encoder.inputs) + list(REQUEST_PARAMS),
+    outputs = list(text_encoder.inputs) + [_with_batch(t) for t in SAMPLER_INPUTS]
+    return python_model("preprocess", inputs, outputs,
                         instances=instances.preprocess, kind="KIND_CPU", optional=optional, params=params)
 
 
 def sampler_config(text_encoder: NetworkSpec, vae_decoder: NetworkSpec, instances: Instances,
-                   params: dict[str, str]) -> str:
-    inputs = list(text_encoder.outputs) + list(REQUEST_PARAMS)
+                   batching: Batching, params: dict[str, str]) -> str:
+    """The sampler: a batching model. Its inputs are one request's each (the text encoder's batch-1
+    output is a batch of one here); its output, the latents, goes to the VAE decoder with the batch
+    dimension (see leaf_inputs)."""
+    (embeds,) = text_encoder.outputs
+    inputs = [Tensor(embeds.name, embeds.dtype, embeds.shape[1:]), *SAMPLER_INPUTS]
+    params = {**params, "max_dit_rows": str(batching.max_dit_rows)}
+    delay = f"dynamic_batching {{ max_queue_delay_microseconds: {batching.queue_delay_us} }}"
     return python_model("sampler", inputs, vae_decoder.inputs, instances=instances.sampler,
-                        kind=instances.kind, params=params)
+                        kind=instances.kind, params=params, max_batch_size=batching.max_requests,
+                        ragged=RAGGED, extra=delay)
 
 
 def ensemble_config(specs: dict[str, NetworkSpec]) -> str:
     te, dec = specs["text_encoder"], specs["vae_decoder"]
-    internal = {t.name: f"request_{t.name}" for t in REQUEST_PARAMS}
+    internal = {t.name: f"request_{t.name}" for t in SAMPLER_INPUTS}
 
     def step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> str:
         ins = " ".join(f'input_map {{ key: "{k}" value: "{v}" }}' for k, v in inputs.items())
@@ -157,7 +206,7 @@ def plan_config(spec: NetworkSpec, instances: Instances) -> str:
     parts = [
         f'name: "{spec.name}"', 'platform: "tensorrt_plan"', "max_batch_size: 0",
         'default_model_filename: "model.plan"',
-        _io("input", spec.inputs), _io("output", spec.outputs),
+        leaf_inputs(spec), _io("output", spec.outputs),
         f"instance_group [ {{ count: {count} kind: KIND_GPU profile: [ {profiles} ] }} ]",
         f"optimization {{ cuda {{ graphs: true graph_spec [ {{ {graph_inputs} }} ] }} }}",
     ]
@@ -168,5 +217,5 @@ def plan_config(spec: NetworkSpec, instances: Instances) -> str:
 
 # One GPU: one engine copy per network (each instance holds its weights), several samplers so that
 # requests overlap on the host while the GPU works.
-GPU_INSTANCES = Instances(kind="KIND_GPU", preprocess=4, text_encoder=1, sampler=4, transformer=1,
+GPU_INSTANCES = Instances(kind="KIND_GPU", preprocess=4, text_encoder=1, sampler=2, transformer=1,
                           vae_decoder=1, vae_encoder=1)

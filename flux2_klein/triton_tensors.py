@@ -20,11 +20,24 @@ def to_triton(name: str, value) -> "pb_utils.Tensor":
             return pb_utils.Tensor(name, value)
         value = torch.from_numpy(np.ascontiguousarray(value))
     value = value.contiguous()
+    if not _c_order(value):
+        # torch calls a tensor contiguous whatever the strides of its size-1 and size-0 dimensions (a view
+        # like `x[None]`, an empty reference list); Triton checks every stride but the first.
+        value = value.clone(memory_format=torch.contiguous_format)
     if value.is_cuda:
         # A DLPack capsule hands over the memory, not the stream: the kernels writing it must be done
         # before another process (Triton, the next model) reads it.
         torch.cuda.current_stream(value.device).synchronize()
     return pb_utils.Tensor.from_dlpack(name, to_dlpack(value))
+
+
+def _c_order(value: torch.Tensor) -> bool:
+    expected = 1
+    for size, stride in zip(reversed(value.shape[1:]), reversed(value.stride()[1:])):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def from_triton(tensor: "pb_utils.Tensor") -> torch.Tensor:

@@ -1,16 +1,15 @@
-"""Triton model `preprocess`: validate the request, tokenize, decode references (flux2_klein.preprocess)."""
+"""Triton model `preprocess`: validate the request, tokenize, decode references (flux2_klein.request)."""
 
 import json
 import os
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from flux2_klein.preprocess import Defaults, InvalidInput, PromptTokenizer, pack_references, parse_request
+from flux2_klein.contract import INPUT_NAMES, Defaults
+from flux2_klein import sampler_io
+from flux2_klein.request import InvalidInput, PromptTokenizer, parse_request
 from flux2_klein.sampling import use_cfg
 from flux2_klein.triton_tensors import error_response, get_numpy, params, to_triton
-
-INPUTS = ("prompt", "height", "width", "seed", "num_inference_steps", "guidance_scale", "reference_images")
 
 
 class TritonPythonModel:
@@ -19,22 +18,15 @@ class TritonPythonModel:
         self.is_distilled = config["is_distilled"] == "true"
         self.defaults = Defaults.for_checkpoint(self.is_distilled)
         self.tokenizer = PromptTokenizer(os.path.join(args["model_repository"], args["model_version"], "tokenizer"))
+        self.negative = self.tokenizer.encode("")  # klein's negative prompt is always "": tokenized once
 
     def _outputs(self, request):
-        req = parse_request({name: get_numpy(request, name) for name in INPUTS}, self.defaults)
-        ids, mask = self.tokenizer.encode_request(req.prompt, use_cfg(self.is_distilled, req.guidance_scale))
-        pixels, shapes = pack_references(req.references)
-        return [
-            to_triton("input_ids", ids),
-            to_triton("attention_mask", mask),
-            to_triton("height", np.array([req.height], dtype=np.int32)),
-            to_triton("width", np.array([req.width], dtype=np.int32)),
-            to_triton("seed", np.array([req.seed], dtype=np.int64)),
-            to_triton("num_inference_steps", np.array([req.num_inference_steps], dtype=np.int32)),
-            to_triton("guidance_scale", np.array([req.guidance_scale], dtype=np.float32)),
-            to_triton("reference_pixels", pixels),
-            to_triton("reference_shapes", shapes),
-        ]
+        req = parse_request({name: get_numpy(request, name) for name in INPUT_NAMES}, self.defaults)
+        ids, mask = self.tokenizer.encode(req.prompt)
+        guided = use_cfg(self.is_distilled, req.guidance_scale)
+        message = sampler_io.pack(req, guided, self.negative)
+        return [to_triton("input_ids", ids), to_triton("attention_mask", mask),
+                *(to_triton(name, value) for name, value in message.items())]
 
     def execute(self, requests):
         responses = []

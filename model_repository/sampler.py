@@ -1,8 +1,11 @@
 """Triton model `sampler`: the denoising loop (flux2_klein.sampling), calling the DiT through BLS.
 
-Reference images go through `vae_encoder` once per request; every step sends the noise tokens plus the
-reference tokens to `transformer`. On a GPU instance every tensor stays on the GPU: inputs arrive there
-(FORCE_CPU_ONLY_INPUT_TENSORS off), BLS asks for GPU outputs, and tensors cross by DLPack.
+A batching model: Triton's dynamic batcher hands `execute` the requests queued together; those of one
+shape (size, steps, guidance, reference grids: `sampling.plan_batches`) run as one loop whose every step is
+one DiT call for all of them. References go through `vae_encoder` once per request; under guidance the
+empty negative prompt is encoded once (through `text_encoder`) and kept. On a GPU instance every tensor
+stays on the GPU: inputs arrive there (FORCE_CPU_ONLY_INPUT_TENSORS off), BLS asks for GPU outputs, and
+tensors cross by DLPack.
 """
 
 import json
@@ -10,9 +13,10 @@ import json
 import torch
 import triton_python_backend_utils as pb_utils
 
-from flux2_klein.preprocess import unpack_references
-from flux2_klein.sampling import sample
-from flux2_klein.sizes import latent_grid
+from flux2_klein import sampler_io
+from flux2_klein.export.onnx_export import DTYPES
+from flux2_klein.sampling import Job, plan_batches, sample_batch
+from flux2_klein.triton_config import SAMPLER_INPUTS
 from flux2_klein.triton_tensors import bls, error_response, get_input, get_numpy, params, to_triton
 
 
@@ -21,8 +25,11 @@ class TritonPythonModel:
         config = params(json.loads(args["model_config"]))
         self.scheduler_config = json.loads(config["scheduler_config"])
         self.channels = int(config["channels"])
+        self.max_rows = int(config["max_dit_rows"])
+        self.dit_dtype = DTYPES[config.get("dit_dtype", "fp32")]  # the DiT's hidden/encoder state boundary
         gpu = args["model_instance_kind"] == "GPU"
         self.device = f"cuda:{args['model_instance_device_id']}" if gpu else "cpu"
+        self.negatives = {}  # the negative prompt's tokens -> its embedding, on self.device
 
     def _dit(self, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids):
         (velocity,) = bls("transformer", {
@@ -31,34 +38,56 @@ class TritonPythonModel:
         }, ["velocity"], self.device)
         return velocity
 
-    def _references(self, request):
-        pixels, shapes = get_numpy(request, "reference_pixels"), get_numpy(request, "reference_shapes")
-        tokens, grids = [], []
-        for image in unpack_references(pixels, shapes):
-            (t,) = bls("vae_encoder", {"image": torch.from_numpy(image.copy())}, ["tokens"], self.device)
-            tokens.append(t)
-            grids.append(latent_grid(image.shape[1], image.shape[0]))
-        return tokens, grids
+    def _negative(self, req):
+        key = req.negative_input_ids.tobytes()
+        if key not in self.negatives:
+            (embeds,) = bls("text_encoder", {"input_ids": torch.from_numpy(req.negative_input_ids.copy()),
+                                             "attention_mask": torch.from_numpy(req.negative_attention_mask.copy())},
+                            ["prompt_embeds"], self.device)
+            self.negatives[key] = embeds.to(self.device).clone()  # ours, not a view of Triton's buffer
+        return self.negatives[key]
 
-    def _latents(self, request):
-        embeds = get_input(request, "prompt_embeds").to(self.device)
-        scalar = lambda name: get_numpy(request, name).reshape(-1)[0].item()  # noqa: E731
-        do_cfg = embeds.shape[0] == 2  # preprocess sends (prompt, "") exactly when guidance applies
-        tokens, grids = self._references(request)
-        return sample(
-            self._dit, embeds[:1], width=scalar("width"), height=scalar("height"), seed=scalar("seed"),
-            num_steps=scalar("num_inference_steps"), scheduler_config=self.scheduler_config,
-            channels=self.channels, references=tokens, reference_grids=grids,
-            guidance_scale=scalar("guidance_scale"), do_cfg=do_cfg,
-            negative_prompt_embeds=embeds[1:] if do_cfg else None, device=self.device,
-        )
+    def _job(self, request):
+        req = sampler_io.unpack({t.name: get_numpy(request, t.name) for t in SAMPLER_INPUTS})
+        references = []
+        for image in req.references:
+            (tokens,) = bls("vae_encoder", {"image": torch.from_numpy(image.copy())}, ["tokens"], self.device)
+            references.append(tokens)
+        embeds = get_input(request, "prompt_embeds").to(self.device)  # [1, 512, D]: a batch of one
+        negative = self._negative(req) if req.guided else None
+        return req, Job(embeds, req.seed, req.guidance_scale, negative, references)
+
+    def _run(self, group, jobs, responses):
+        first = jobs[group[0]][0]
+        shape = first.shape
+        try:
+            latents = sample_batch(
+                self._dit, [jobs[i][1] for i in group], width=shape.width, height=shape.height,
+                num_steps=shape.num_steps, scheduler_config=self.scheduler_config, channels=self.channels,
+                do_cfg=shape.do_cfg, reference_grids=shape.reference_grids, device=self.device,
+                dit_dtype=self.dit_dtype,
+            )
+        except Exception as e:  # noqa: BLE001 - answer, log, keep serving
+            if len(group) > 1:  # one request's failure must not fail the others: each again, alone
+                for i in group:
+                    self._run([i], jobs, responses)
+                return
+            pb_utils.Logger.log_error(f"sampler: {type(e).__name__}: {e}")
+            responses[group[0]] = error_response(f"sampler failed: {type(e).__name__}: {e}")
+            return
+        for i, lat in zip(group, latents):
+            responses[i] = pb_utils.InferenceResponse([to_triton("latents", lat[None])])
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
+        responses = [None] * len(requests)
+        jobs = {}
+        for i, request in enumerate(requests):
             try:
-                responses.append(pb_utils.InferenceResponse([to_triton("latents", self._latents(request))]))
-            except Exception as e:  # noqa: BLE001 - answer, log, keep serving
+                jobs[i] = self._job(request)
+            except Exception as e:  # noqa: BLE001
                 pb_utils.Logger.log_error(f"sampler: {type(e).__name__}: {e}")
-                responses.append(error_response(f"sampler failed: {type(e).__name__}: {e}"))
+                responses[i] = error_response(f"sampler failed: {type(e).__name__}: {e}")
+        order = list(jobs)
+        for batch in plan_batches([jobs[i][0].shape for i in order], self.max_rows):
+            self._run([order[k] for k in batch], jobs, responses)
         return responses

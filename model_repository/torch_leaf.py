@@ -6,17 +6,18 @@ weights are read from the checkpoint recorded in the config (nothing is copied i
 the config's dtype, onto this instance's device: a GPU instance computes on its GPU and takes and gives
 GPU tensors by DLPack. Thin glue: the wrapper is the logic.
 
-Config parameters: checkpoint (absolute path), dtype (fp32 | bf16 | fp16), torch_compile ("" or a
-torch.compile mode), intra_op_threads.
+Config parameters: checkpoint (absolute path), dtype (fp32 | bf16 | fp16), fp8 ("true": FP8 GEMMs, see
+flux2_klein/torch_runtime.py), torch_compile ("" or a torch.compile mode), warm_sizes ("", "all" or WxH,...),
+max_dit_rows (the batches to warm), intra_op_threads.
 """
 
 import json
+import sys
 
 import torch
 import triton_python_backend_utils as pb_utils
 
-from flux2_klein.checkpoint import load_checkpoint
-from flux2_klein.export.onnx_export import DTYPES, load_wrapper
+from flux2_klein.torch_runtime import WarmShapes, load_leaf
 from flux2_klein.triton_tensors import error_response, get_input, params, to_triton
 
 
@@ -36,11 +37,14 @@ class TritonPythonModel:
         torch.set_num_threads(int(options.get("intra_op_threads", "1")))
         if gpu:
             torch.cuda.set_device(self.device)
-        # (No pb_utils.Logger call here: one in initialize was seen to leave a model's load hanging.)
-        module = load_wrapper(load_checkpoint(options["checkpoint"]), self.name, DTYPES[options["dtype"]])
-        module = module.to(self.device).requires_grad_(False)
-        mode = options.get("torch_compile", "")
-        self.module = torch.compile(module, mode=mode) if mode else module
+            torch.backends.cudnn.benchmark = True  # the VAE's convolutions: tuned per shape while warming
+        leaf = load_leaf(options["checkpoint"], self.name, dtype=options["dtype"], device=self.device,
+                         fp8=options.get("fp8", "false") == "true", compile_mode=options.get("torch_compile", ""),
+                         warm_shapes=WarmShapes.parse(options.get("warm_sizes", ""),
+                                                      int(options.get("max_dit_rows", "1"))))
+        self.module = leaf.module
+        # (Not pb_utils.Logger: a Logger call in initialize was seen to leave a model's load hanging.)
+        print(f"flux2-klein {leaf.summary}", file=sys.stderr, flush=True)
 
     def _run(self, request):
         with torch.inference_mode():

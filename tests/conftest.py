@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
-# Two CPU cores in CI: let torch and ONNX Runtime use both without oversubscribing.
+# Two CPU cores in CI: let torch and ONNX Runtime use both without oversubscribing (set before numpy loads).
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+from flux2_klein.server import TritonProcess, free_port  # noqa: E402,F401 - free_port: the tests' one
 
 
 @pytest.fixture(scope="session")
@@ -66,76 +69,28 @@ def ort_session():
     return get
 
 
-def free_port() -> int:
-    import socket
+class ServeCommand(TritonProcess):
+    """`flux2-klein serve` in a subprocess: the real command, the real tritonserver."""
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "flux2_klein.cli", "serve", "--repository", str(self.repository),
+                "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
+                "--metrics-port", str(self.metrics_port)]
+
+    def environment(self) -> dict[str, str]:
+        return dict(self.base_env)  # `serve` adds the install's own variables itself
+
+    @classmethod
+    def started(cls, repo: Path, log_dir: Path, timeout_s: float = 600) -> "ServeCommand":
+        """Started and ready, with TritonProcess.launch's one retry."""
+        return cls.launch(repo, log_path=Path(log_dir) / "tritonserver.log", timeout_s=timeout_s)
 
 
 class RunningServer:
-    """`flux2-klein serve` in a subprocess: the real command, the real tritonserver."""
+    """The old name, for test_fp8.py and test_torch_runtime.py (`RunningServer.start(repo, log_dir)`) until
+    they call ServeCommand.started."""
 
-    def __init__(self, repo: Path, log_path: Path):
-        import subprocess
-        import sys
-
-        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "flux2_klein.cli", "serve", "--repository", str(repo),
-             "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
-             "--metrics-port", str(self.metrics_port)],
-            stdout=self._log, stderr=subprocess.STDOUT,
-        )
-
-    @property
-    def grpc_url(self) -> str:
-        return f"localhost:{self.grpc_port}"
-
-    @property
-    def http_url(self) -> str:
-        return f"localhost:{self.http_port}"
-
-    def url(self, protocol: str) -> str:
-        return self.grpc_url if protocol == "grpc" else self.http_url
-
-    def wait_ready(self, timeout_s: float = 600) -> None:
-        from flux2_klein.server import wait_ready
-
-        if not wait_ready(self.http_port, self.process, timeout_s):
-            self.stop()
-            raise RuntimeError(f"tritonserver did not become ready:\n{self.log_path.read_text()[-5000:]}")
-
-    @classmethod
-    def start(cls, repo: Path, log_dir: Path, timeout_s: float = 600) -> "RunningServer":
-        """Start and wait until ready. Triton's Python backend now and then aborts while many stubs start
-        on a loaded machine (boost::interprocess::lock_exception, a known Triton issue): that failure,
-        and only that one, earns a second start."""
-        for attempt in (1, 2):
-            server = cls(repo, Path(log_dir) / f"tritonserver-{attempt}.log")
-            try:
-                server.wait_ready(timeout_s)
-                return server
-            except RuntimeError:
-                if attempt == 2 or "lock_exception" not in server.log_path.read_text(errors="replace"):
-                    raise
-        raise AssertionError("unreachable")
-
-    def stop(self) -> int:
-        import signal
-
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except Exception:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-        return self.process.returncode
+    start = ServeCommand.started
 
 
 @pytest.fixture(scope="session")
@@ -147,6 +102,6 @@ def triton_repo(tiny_ckpt, onnx_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def triton_server(triton_repo, tmp_path_factory):
-    server = RunningServer.start(triton_repo, tmp_path_factory.mktemp("logs"))
+    server = ServeCommand.started(triton_repo, tmp_path_factory.mktemp("logs"))
     yield server
     server.stop()

@@ -7,7 +7,6 @@ tritonserver.
 from __future__ import annotations
 
 import argparse
-import socket
 
 import numpy as np
 import pytest
@@ -20,18 +19,13 @@ from flux2_klein.client.triton_client import (
     GenerationError,
     build_inputs,
     default_url,
-    input_arrays,
     to_generation_error,
 )
+from flux2_klein.contract import input_arrays
+from flux2_klein.server import free_port
 
 # An encoded "file" that ends in NUL bytes (and holds some inside): an 'S' numpy array would lose the tail.
 NUL_TAILED = b"\x89PNG\r\n\x1a\n\x00payload\x00\x00\x00"
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -241,7 +235,7 @@ def test_error_status_mapping(raw, status):
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_closed_port_gives_a_clear_error(protocol):
-    url = f"localhost:{_closed_port()}"
+    url = f"localhost:{free_port()}"
     with Flux2KleinClient(url, protocol=protocol, timeout_s=10) as client:
         assert client.is_ready() is False
         with pytest.raises(GenerationError) as e:
@@ -254,7 +248,7 @@ def test_closed_port_gives_a_clear_error(protocol):
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_run_generate_closed_port_exits_1(tmp_path, capsys, protocol):
-    url = f"127.0.0.1:{_closed_port()}"
+    url = f"127.0.0.1:{free_port()}"
     args = _parser().parse_args(["generate", "--prompt", "p", "--url", url, "--protocol", protocol,
                                  "--out", str(tmp_path / "o.png")])
     assert args.func(args) == 1
@@ -263,7 +257,7 @@ def test_run_generate_closed_port_exits_1(tmp_path, capsys, protocol):
 
 
 def test_run_generate_local_mistakes_exit_2_without_a_server(tmp_path, capsys):
-    url = f"127.0.0.1:{_closed_port()}"  # never contacted: the checks come first
+    url = f"127.0.0.1:{free_port()}"  # never contacted: the checks come first
     args = _parser().parse_args(["generate", "--prompt", "p", "--url", url, "--out", str(tmp_path / "o.gif")])
     assert args.func(args) == 2
     assert ".png" in capsys.readouterr().err

@@ -22,11 +22,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flux2_klein import entrypoint as ep
-from flux2_klein.entrypoint import (
-    ENV_VARS, PROFILE_FILE, ConfigError, Facts, Settings, Supervisor, Child, checkpoint_fingerprint,
-    ensure_repository, gpu_facts, prepare, profile_components, profile_key, tensorrt_version,
+from flux2_klein.container.__main__ import main as entrypoint_main
+from flux2_klein.container.cache import (
+    LEFTOVER_PREFIXES, PROFILE_FILE, Stopped, ensure_repository, prepare,
 )
+from flux2_klein.container.profile import checkpoint_fingerprint, profile_components, profile_key
+from flux2_klein.container.settings import ENV_VARS, ConfigError, Settings
+from flux2_klein.container.supervisor import Child, Supervisor, server_children
+from flux2_klein.target import Target, gpu_facts, tensorrt_version
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
@@ -38,7 +41,7 @@ ENV_NAMES = {name for name, _, _ in ENV_VARS}
 def _known_env(names) -> bool:
     """Ours, or the gateway's own FLUX2_KLEIN_GATEWAY_* settings (which reach it unchanged)."""
     return all(n in ENV_NAMES or n.startswith("FLUX2_KLEIN_GATEWAY_") for n in names)
-H100 = Facts("NVIDIA H100 80GB HBM3", "9.0", "10.13.3.9")
+H100 = Target(gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0", tensorrt="10.13.3.9")
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
 
 
@@ -70,7 +73,7 @@ def _settings(ckpt: Path, cache: Path, **kw) -> Settings:
 
 
 def _leftovers(cache: Path) -> list[Path]:
-    return [p for p in cache.rglob(".*") if p.name.startswith(ep.LEFTOVER_PREFIXES)]
+    return [p for p in cache.rglob(".*") if p.name.startswith(LEFTOVER_PREFIXES)]
 
 
 # ------------------------------------------------------------------------------------------ profile key
@@ -89,7 +92,7 @@ def test_profile_key_is_stable_and_changes_with_every_component():
     assert set(variants) == set(base), "every component is exercised"
     keys = {profile_key({**base, name: value}) for name, value in variants.items()}
     assert len(keys) == len(variants) and key not in keys
-    assert profile_key(profile_components(settings, Facts("cpu", "none", "none"), "c", "d")).startswith(
+    assert profile_key(profile_components(settings, Target(gpu="cpu", compute_capability="none", tensorrt="none"), "c", "d")).startswith(
         "tensorrt-fp8-cpu-")
 
 
@@ -172,7 +175,7 @@ def test_settings_from_env_defaults_and_errors():
 
 def test_build_when_missing_then_reuse_without_rebuilding(light_ckpt, tmp_path):
     builder, cache = FakeBuilder(), tmp_path / "cache"
-    repo = prepare(_settings(light_ckpt, cache), facts=H100, builder=builder)
+    repo = prepare(_settings(light_ckpt, cache), target=H100, builder=builder)
     assert len(builder.calls) == 1 and builder.calls[0]["precision"] == "fp8"
     assert repo.parent.parent == cache and repo.name == "repository"
     meta = json.loads((repo / PROFILE_FILE).read_text())
@@ -180,46 +183,46 @@ def test_build_when_missing_then_reuse_without_rebuilding(light_ckpt, tmp_path):
     assert not _leftovers(cache)
     marker = (repo / PROFILE_FILE).stat().st_mtime_ns
 
-    again = prepare(_settings(light_ckpt, cache), facts=H100, builder=builder)
+    again = prepare(_settings(light_ckpt, cache), target=H100, builder=builder)
     assert again == repo and len(builder.calls) == 1, "a fresh repository is reused"
     assert (repo / PROFILE_FILE).stat().st_mtime_ns == marker
 
-    forced = prepare(_settings(light_ckpt, cache, rebuild=True), facts=H100, builder=builder)
+    forced = prepare(_settings(light_ckpt, cache, rebuild=True), target=H100, builder=builder)
     assert forced == repo and len(builder.calls) == 2 and not _leftovers(cache)
 
 
 def test_rebuild_when_precision_gpu_or_checkpoint_config_changes(light_ckpt, tmp_path):
     builder, cache = FakeBuilder(), tmp_path / "cache"
-    fp8 = prepare(_settings(light_ckpt, cache), facts=H100, builder=builder)
-    bf16 = prepare(_settings(light_ckpt, cache, precision="bf16"), facts=H100, builder=builder)
+    fp8 = prepare(_settings(light_ckpt, cache), target=H100, builder=builder)
+    bf16 = prepare(_settings(light_ckpt, cache, precision="bf16"), target=H100, builder=builder)
     assert bf16 != fp8 and [c["precision"] for c in builder.calls] == ["fp8", "bf16"]
-    h200 = prepare(_settings(light_ckpt, cache), facts=Facts("NVIDIA H200", "9.0", "10.13.3.9"), builder=builder)
+    h200 = prepare(_settings(light_ckpt, cache), target=Target(gpu="NVIDIA H200", compute_capability="9.0", tensorrt="10.13.3.9"), builder=builder)
     assert h200 not in (fp8, bf16) and len(builder.calls) == 3
 
     config = light_ckpt / "scheduler" / "scheduler_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "shift": 7.0}))
-    changed = prepare(_settings(light_ckpt, cache), facts=H100, builder=builder)
+    changed = prepare(_settings(light_ckpt, cache), target=H100, builder=builder)
     assert changed not in (fp8, bf16, h200) and len(builder.calls) == 4
-    assert prepare(_settings(light_ckpt, cache), facts=H100, builder=builder) == changed
+    assert prepare(_settings(light_ckpt, cache), target=H100, builder=builder) == changed
     assert len(builder.calls) == 4
 
 
 def test_rebuild_when_the_cached_repository_is_stale_or_incomplete(light_ckpt, tmp_path):
     builder, cache = FakeBuilder(), tmp_path / "cache"
-    repo = prepare(_settings(light_ckpt, cache), facts=H100, builder=builder)
+    repo = prepare(_settings(light_ckpt, cache), target=H100, builder=builder)
 
     meta = json.loads((repo / PROFILE_FILE).read_text())
     meta["components"]["tensorrt"] = "10.0.0"  # e.g. written by another version of this code
     (repo / PROFILE_FILE).write_text(json.dumps(meta))
-    assert prepare(_settings(light_ckpt, cache), facts=H100, builder=builder) == repo
+    assert prepare(_settings(light_ckpt, cache), target=H100, builder=builder) == repo
     assert len(builder.calls) == 2 and json.loads((repo / PROFILE_FILE).read_text())["components"]["tensorrt"] == H100.tensorrt
 
     (repo / "build.json").unlink()  # incomplete: e.g. copied in by hand, half
-    prepare(_settings(light_ckpt, cache), facts=H100, builder=builder)
+    prepare(_settings(light_ckpt, cache), target=H100, builder=builder)
     assert len(builder.calls) == 3 and (repo / "build.json").is_file()
 
     (repo / PROFILE_FILE).write_text("{not json")
-    prepare(_settings(light_ckpt, cache), facts=H100, builder=builder)
+    prepare(_settings(light_ckpt, cache), target=H100, builder=builder)
     assert len(builder.calls) == 4 and not _leftovers(cache)
 
 
@@ -233,8 +236,8 @@ def test_an_interrupted_build_is_discarded_and_rebuilt(light_ckpt, tmp_path):
         time.sleep(10)
         raise AssertionError("SIGTERM did not interrupt the build")
 
-    with pytest.raises(ep.Stopped) as stopped:
-        prepare(_settings(light_ckpt, cache), facts=H100, builder=killed_midway)
+    with pytest.raises(Stopped) as stopped:
+        prepare(_settings(light_ckpt, cache), target=H100, builder=killed_midway)
     assert stopped.value.signum == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "handlers restored"
     assert not any(cache.rglob("repository")), "nothing half-built is published"
@@ -245,7 +248,7 @@ def test_an_interrupted_build_is_discarded_and_rebuilt(light_ckpt, tmp_path):
         raise RuntimeError("out of GPU memory")
 
     with pytest.raises(RuntimeError):
-        prepare(_settings(light_ckpt, cache), facts=H100, builder=crashed)
+        prepare(_settings(light_ckpt, cache), target=H100, builder=crashed)
     assert not any(cache.rglob("repository")) and not _leftovers(cache)
 
     # A SIGKILL (or power cut) leaves a temporary folder behind; the next start removes it and builds.
@@ -253,16 +256,16 @@ def test_an_interrupted_build_is_discarded_and_rebuilt(light_ckpt, tmp_path):
     partial = home / ".building-dead" / "repository"
     (partial / "flux2_klein").mkdir(parents=True)
     (partial / "build.json").write_text("{}")
-    repo = prepare(_settings(light_ckpt, cache), facts=H100, builder=builder)
+    repo = prepare(_settings(light_ckpt, cache), target=H100, builder=builder)
     assert len(builder.calls) == 1 and repo == home / "repository"
     assert not (home / ".building-dead").exists() and not _leftovers(cache)
 
 
 def test_tensorrt_runtime_without_a_gpu_or_tensorrt_is_a_clear_error(light_ckpt, tmp_path):
     with pytest.raises(ConfigError, match="needs an NVIDIA GPU.*FLUX2_KLEIN_RUNTIME=onnxruntime"):
-        prepare(_settings(light_ckpt, tmp_path), facts=Facts("cpu", "none", "none"), builder=FakeBuilder())
+        prepare(_settings(light_ckpt, tmp_path), target=Target(gpu="cpu", compute_capability="none", tensorrt="none"), builder=FakeBuilder())
     with pytest.raises(ConfigError, match="import tensorrt"):
-        prepare(_settings(light_ckpt, tmp_path), facts=Facts("NVIDIA H100", "9.0", "none"), builder=FakeBuilder())
+        prepare(_settings(light_ckpt, tmp_path), target=Target(gpu="NVIDIA H100", compute_capability="9.0", tensorrt="none"), builder=FakeBuilder())
 
 
 def test_unwritable_cache_is_a_clear_error(light_ckpt, tmp_path):
@@ -375,7 +378,7 @@ def test_server_children_commands_and_environments(tmp_path, monkeypatch):
     monkeypatch.setenv("FLUX2_KLEIN_API_KEY", "secret")
     settings = Settings.from_env({"FLUX2_KLEIN_API_KEY": "secret", "FLUX2_KLEIN_GATEWAY_ARGS": "--max-concurrency 2",
                                   "FLUX2_KLEIN_TRITON_COMMAND": "sleep 1"})
-    triton, gateway = ep.server_children(settings, tmp_path / "repo")
+    triton, gateway = server_children(settings, tmp_path / "repo")
     assert triton.argv == ["sleep", "1"] and triton.env["FLUX2_KLEIN_REPOSITORY"] == str(tmp_path / "repo")
     assert "FLUX2_KLEIN_API_KEY" not in triton.env, "the key reaches the gateway only"
     assert gateway.env["FLUX2_KLEIN_API_KEY"] == "secret"
@@ -384,7 +387,7 @@ def test_server_children_commands_and_environments(tmp_path, monkeypatch):
     assert gateway.ready_url.endswith(":8000/v1/health/ready") and triton.ready_url.endswith(":8003/v2/health/ready")
 
     # The real tritonserver command (the nvidia-pytriton build on this machine).
-    triton, _ = ep.server_children(Settings.from_env({}), tmp_path / "repo")
+    triton, _ = server_children(Settings.from_env({}), tmp_path / "repo")
     assert f"--model-repository={tmp_path / 'repo'}" in triton.argv
     assert {"--http-port=8003", "--grpc-port=8001", "--metrics-port=8002", "--http-address=127.0.0.1",
             "--grpc-address=127.0.0.1"} <= set(triton.argv)
@@ -403,11 +406,11 @@ def test_healthcheck_asks_the_gateway(monkeypatch):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         monkeypatch.setenv("FLUX2_KLEIN_GATEWAY_PORT", str(server.server_port))
-        assert ep.main(["--healthcheck"]) == 0
+        assert entrypoint_main(["--healthcheck"]) == 0
     finally:
         server.shutdown()
         server.server_close()
-    assert ep.main(["--healthcheck"]) == 1, "nobody listens any more"
+    assert entrypoint_main(["--healthcheck"]) == 1, "nobody listens any more"
 
 
 # The real build: the entrypoint as the container runs it, on the tiny checkpoint with ONNX Runtime.
@@ -500,7 +503,7 @@ def test_dockerfile_is_pinned_non_root_and_runs_what_exists(capsys):
     assert entry[-3:] == ["python3", "-m", "flux2_klein.entrypoint"]
     assert (ROOT / "flux2_klein" / "entrypoint.py").is_file()
     with pytest.raises(SystemExit) as e:
-        ep.main(["--help"])
+        entrypoint_main(["--help"])
     assert e.value.code == 0 and "--healthcheck" in capsys.readouterr().out
 
     # Every COPY source exists and passes the build context's allow-list; pip installs the project.

@@ -1,11 +1,10 @@
-"""TensorRT engine plans, metadata and staleness, tensorrt_plan configs, and `build --dry-run`:
-everything about engines that can be checked without TensorRT. Tests that need TensorRT and a GPU
-are here too, and skip with the reason where either is missing."""
+"""TensorRT engine plans, tensorrt_plan configs, `build --dry-run`, reference profiles and the memory
+estimate: what needs no builder. Real builds, staleness included, run through TensorRT-RTX in
+test_trt_rtx.py; the test that needs TensorRT and a GPU is here and skips with the reason elsewhere."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,69 +12,14 @@ from pathlib import Path
 import pytest
 
 from flux2_klein.checkpoint import checkpoint_from_config, load_checkpoint
-from flux2_klein.export.engines import EnginePlan, Target, check_engine, expected_metadata, file_sha256
-from flux2_klein.specs import network_specs
+from flux2_klein.export.engines import EnginePlan, check_engine, expected_metadata
+from flux2_klein.export.graph_checks import ACTIVATION_BUDGET_BYTES, activation_estimate, instance_estimate
+from flux2_klein.sizes import PIXELS_PER_TOKEN_SIDE, REFERENCE_MAX_AREA, REFERENCE_MAX_SIDE, REFERENCE_MIN_SIDE
+from flux2_klein.specs import REFERENCE_PROFILE_MAX_AREA, Profile, network_specs
 from flux2_klein.tensorrt_build import describe_plan, engine_plans
 from flux2_klein.triton_config import GPU_INSTANCES, plan_config
 
 CONFIG_4B = Path(__file__).resolve().parents[2] / "shared" / "configs" / "flux2-klein-4b.json"
-H100 = Target(tensorrt="10.13.0", gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0")
-
-
-@pytest.fixture
-def plan(tiny_ckpt, tmp_path) -> EnginePlan:
-    onnx = tmp_path / "work" / "bf16" / "vae_decoder" / "model.onnx"
-    onnx.parent.mkdir(parents=True)
-    onnx.write_bytes(b"graph v1")
-    spec = network_specs(load_checkpoint(tiny_ckpt))["vae_decoder"]
-    return EnginePlan(spec=spec, onnx_path=onnx, engine_path=tmp_path / "repo" / "vae_decoder" / "1" / "model.plan",
-                      precision="bf16")
-
-
-def _fake_build(plan: EnginePlan, target: Target, payload: bytes = b"engine bytes") -> None:
-    """What build_engine leaves on disk (engine, then metadata), without TensorRT."""
-    plan.engine_path.parent.mkdir(parents=True, exist_ok=True)
-    plan.engine_path.write_bytes(payload)
-    meta = {**expected_metadata(plan, target), "engine_sha256": file_sha256(plan.engine_path)}
-    plan.metadata_path.write_text(json.dumps(meta))
-
-
-def test_missing_engine_and_fresh_engine(plan):
-    assert check_engine(plan, expected_metadata(plan, H100)) == "no engine yet"
-    _fake_build(plan, H100)
-    assert check_engine(plan, expected_metadata(plan, H100)) is None
-
-
-@pytest.mark.parametrize("change,reason", [
-    (lambda p: (p, dataclasses.replace(H100, tensorrt="10.14.1")), "tensorrt changed"),
-    (lambda p: (p, dataclasses.replace(H100, gpu="NVIDIA L40S", compute_capability="8.9")), "gpu changed"),
-    (lambda p: (dataclasses.replace(p, precision="fp8"), H100), "precision changed"),
-    (lambda p: (dataclasses.replace(p, opt_level=5), H100), "opt_level changed"),
-])
-def test_stale_engines_are_detected(plan, change, reason):
-    _fake_build(plan, H100)
-    new_plan, new_target = change(plan)
-    assert reason in check_engine(new_plan, expected_metadata(new_plan, new_target))
-
-
-def test_new_graph_or_tampered_engine_or_interrupted_build_is_stale(plan):
-    _fake_build(plan, H100)
-    plan.onnx_path.write_bytes(b"graph v2")  # re-exported with other weights
-    assert "onnx_sha256 changed" in check_engine(plan, expected_metadata(plan, H100))
-    _fake_build(plan, H100)
-    plan.engine_path.write_bytes(b"something else")
-    assert "does not match" in check_engine(plan, expected_metadata(plan, H100))
-    plan.metadata_path.unlink()  # an engine written, its metadata not: the build did not finish
-    assert "no metadata" in check_engine(plan, expected_metadata(plan, H100))
-
-
-def test_profiles_change_makes_engines_stale(plan, tiny_ckpt):
-    _fake_build(plan, H100)
-    spec = plan.spec
-    narrower = dataclasses.replace(spec, profiles=(dataclasses.replace(
-        spec.profiles[0], dims={**spec.profiles[0].dims, "rows": (42, 64, 90)}),))
-    new = dataclasses.replace(plan, spec=narrower)
-    assert "profiles changed" in check_engine(new, expected_metadata(new, H100))
 
 
 def test_plan_config_for_tensorrt(tiny_ckpt):
@@ -115,18 +59,26 @@ def test_engine_plans_follow_the_precision(tiny_ckpt, tmp_path):
     assert "profile t2i" in describe_plan(ckpt, tmp_path / "r", tmp_path / "w", "fp8")
 
 
-def test_build_engine_on_a_gpu_with_tensorrt(tiny_ckpt, onnx_dir, tmp_path):
-    trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed here (it ships in NGC containers)")
+def test_build_engine_on_a_gpu_with_tensorrt(tiny_ckpt, request, tmp_path, monkeypatch):
+    from flux2_klein.export.trt_build import import_trt
+
+    try:
+        trt = import_trt("tensorrt")
+    except ImportError as e:
+        pytest.skip(f"TensorRT is not installed here (it ships in NGC containers): {e}")
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU: TensorRT engines are built on the GPU they serve")
-    from flux2_klein.export.engines import build_engine, current_target
+    from flux2_klein.export.engines import TARGET_ENV, build_engine, current_target
 
+    monkeypatch.delenv(TARGET_ENV, raising=False)
+    onnx_dir = request.getfixturevalue("onnx_dir")  # exported only where the test can run
     spec = network_specs(load_checkpoint(tiny_ckpt))["vae_decoder"]
     plan = EnginePlan(spec=spec, onnx_path=onnx_dir / "vae_decoder" / "model.onnx",
                       engine_path=tmp_path / "model.plan", precision="bf16", timing_cache=tmp_path / "timing.cache")
     build_engine(plan, trt=trt)
-    assert check_engine(plan, expected_metadata(plan, current_target(trt))) is None
+    assert check_engine(plan, expected_metadata(plan, current_target(trt))) is None  # builder "tensorrt"
+    assert plan.timing_cache.stat().st_size > 0
     mtime = plan.engine_path.stat().st_mtime
     build_engine(plan, trt=trt)  # fresh: reused, not rebuilt
     assert plan.engine_path.stat().st_mtime == mtime
@@ -146,8 +98,70 @@ def test_tensorrt_build_without_tensorrt_or_gpu_says_so_at_once(tiny_ckpt, tmp_p
 
     if importlib.util.find_spec("tensorrt") and torch.cuda.is_available():
         pytest.skip("this machine has TensorRT and a GPU: the build would really run")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX2_KLEIN_TENSORRT")}
     r = subprocess.run([sys.executable, "-m", "flux2_klein.cli", "build", "--checkpoint", str(tiny_ckpt),
                         "--out", str(tmp_path / "repo"), "--runtime", "tensorrt"], capture_output=True, text=True,
-                       timeout=120)
+                       timeout=120, env=env)
     assert r.returncode == 2 and ("tensorrt: not installed" in r.stderr or "gpu: no CUDA device" in r.stderr)
     assert not (tmp_path / "repo.work").exists()
+
+
+def _preprocessed_reference_shapes():
+    """Every (height, width) preprocessing can hand the VAE encoder, worked out from the rules (sides
+    multiples of 16 from 64 to 2896, at most 1024 x 1024 pixels), not from the profiles."""
+    sides = range(REFERENCE_MIN_SIDE, REFERENCE_MAX_SIDE + 1, PIXELS_PER_TOKEN_SIDE)
+    return [(h, w) for h in sides for w in sides if h * w <= REFERENCE_MAX_AREA]
+
+
+def test_reference_profiles_hold_every_reference_and_are_bounded_by_area(tiny_ckpt):
+    spec = network_specs(load_checkpoint(tiny_ckpt))["vae_encoder"]
+    shapes = _preprocessed_reference_shapes()
+    assert (2896, 352) in shapes and (64, 2896) in shapes and (1024, 1024) in shapes
+    assert [s for s in shapes if spec.profile_for(height=s[0], width=s[1]) is None] == []
+    for p in spec.profiles:
+        assert p.dims["height"][2] * p.dims["width"][2] <= REFERENCE_PROFILE_MAX_AREA, p.name
+        assert spec.profile_for(height=p.dims["height"][1], width=p.dims["width"][1]) is not None
+    assert spec.profiles[0].dims["height"][1] == spec.profiles[0].dims["width"][1] == 1024  # the CUDA graph's
+
+
+def test_every_profile_of_the_4b_model_fits_the_activation_budget():
+    if not CONFIG_4B.exists():
+        pytest.skip(f"{CONFIG_4B} not found")
+    ckpt = checkpoint_from_config(CONFIG_4B)
+    specs = network_specs(ckpt)
+    for spec in specs.values():
+        for p in spec.profiles:
+            est = activation_estimate(spec, ckpt, p)
+            assert est.bytes <= ACTIVATION_BUDGET_BYTES, (spec.name, p.name, est)
+    # What the old single 64..2896 box of the VAE encoder would need (2896 x 2896, attention unfused).
+    side = Profile("side", {"height": (64, 1024, 2896), "width": (64, 1024, 2896)})
+    assert activation_estimate(specs["vae_encoder"], ckpt, side).bytes > ACTIVATION_BUDGET_BYTES
+    # The DiT's multi-reference profile fits only if TensorRT fuses attention (the H100 script checks).
+    multi = activation_estimate(specs["transformer"], ckpt, specs["transformer"].profiles[-1])
+    assert multi.fused and multi.activations + multi.attention_scores > ACTIVATION_BUDGET_BYTES
+    # All four engines, one instance each, every profile used: what an 80 GB H100 must hold besides weights.
+    assert sum(instance_estimate(s, ckpt) for s in specs.values()) < 48 << 30
+
+
+def test_every_generated_config_is_a_valid_triton_model_config(tiny_ckpt):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from flux2_klein import triton_config
+    from flux2_klein.triton_config import Instances, ensemble_config, leaf_config, preprocess_config, sampler_config
+
+    specs = network_specs(load_checkpoint(tiny_ckpt))
+    # The sampler's batching settings, where this version of triton_config has them.
+    batching = {"batching": triton_config.Batching()} if hasattr(triton_config, "Batching") else {}
+    texts = [ensemble_config(specs)]
+    for instances in (Instances(), GPU_INSTANCES):
+        texts += [preprocess_config(specs["text_encoder"], instances, {"k": "v"}),
+                  sampler_config(specs["text_encoder"], specs["vae_decoder"], instances, params={"k": "v"},
+                                 **batching)]
+        texts += [leaf_config(s, instances, {"k": "v"}) for s in specs.values()]
+    texts += [plan_config(s, GPU_INSTANCES) for s in specs.values()]
+    for text in texts:
+        config = text_format.Parse(text, model_config_pb2.ModelConfig())
+        assert config.name and (config.input or config.platform == "ensemble"), text
+    with pytest.raises(text_format.ParseError):  # the check can fail: a field Triton does not know
+        text_format.Parse(texts[-1] + "profiles: 3\n", model_config_pb2.ModelConfig())

@@ -12,6 +12,7 @@ import torch
 from flux2_klein.checkpoint import load_checkpoint
 from flux2_klein.specs import example_inputs, grid_ids, network_specs, text_ids
 from flux2_klein.sizes import latent_grid
+from parity import assert_images_close
 
 EXTREMES = [(672, 1568), (1024, 1024), (1568, 672)]  # (width, height): tallest, square, widest
 
@@ -127,7 +128,10 @@ def test_vae_decoder_equals_pipeline(tiny_pipe, onnx_dir, ort_session, size):
     want = _decode_reference(tiny_pipe, latents)
     assert got.dtype == np.uint8 and got.shape == (size[1], size[0], 3) == want.shape
     # Same float math up to summation order: a value on a rounding boundary may land one step apart.
-    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    # Measured on the tiny checkpoint at the three sizes: max 1, 0.198-0.206% of values differing (so the
+    # mean is the same 0.002); bounds 3x that. A dropped batch-norm eps moves 14% of them (its variances
+    # sit near eps, see tiny.py), a rounding change in post-processing about half.
+    assert_images_close(got, want, max_diff=1, max_mean=0.006, max_share=0.006)
 
 
 @pytest.mark.parametrize("wh", [(64, 64), (768, 512), (1024, 1024), (2896, 352)])

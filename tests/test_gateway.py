@@ -1,4 +1,4 @@
-"""The NIM-style HTTP gateway (`flux2-klein gateway`, client/gateway.py, CONTRACT.md section 4) against a real
+"""The NIM-style HTTP gateway (`flux2-klein gateway`, client/gateway/, CONTRACT.md section 4) against a real
 tritonserver on the tiny checkpoint: the gateway runs in this process (uvicorn in a thread) or as the real
 command in a subprocess, and every request goes over real HTTP and real gRPC. No mocks.
 
@@ -22,7 +22,8 @@ import pytest
 from PIL import Image
 
 from conftest import free_port
-from flux2_klein.client.gateway import ENV, GatewaySettings, add_gateway_parser, create_app
+from flux2_klein.client.gateway import ENV, GatewaySettings, add_gateway_parser
+from flux2_klein.client.gateway.app import create_app
 from flux2_klein.client.triton_client import Flux2KleinClient
 
 pytestmark = pytest.mark.slow

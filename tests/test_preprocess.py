@@ -2,7 +2,7 @@
 
 The oracle is `Flux2KleinPipeline.__call__` itself on the tiny checkpoint: we stop it where it hands the
 preprocessed reference tensors to the VAE (prepare_image_latents) or the token ids to the text encoder,
-and compare with what `flux2_klein.preprocess` produces.
+and compare with what `flux2_klein.request` produces.
 """
 
 from __future__ import annotations
@@ -16,17 +16,21 @@ import pytest
 import torch
 from PIL import Image
 
-from flux2_klein.preprocess import (
+from flux2_klein.contract import Defaults
+from flux2_klein.request import (
     MAX_DECODE_PIXELS,
-    Defaults,
     InvalidInput,
     PromptTokenizer,
     Request,
     decode_reference,
-    normalize_reference,
     parse_request,
 )
 from flux2_klein.sizes import SIZES, size_names
+
+
+def normalize_reference(reference: np.ndarray) -> np.ndarray:
+    """What the VAE-encoder network does to a preprocessed reference: float32 [H, W, 3] in [-1, 1]."""
+    return 2.0 * (reference.astype(np.float32) / 255.0) - 1.0
 
 
 class _Stop(Exception):

@@ -1,5 +1,6 @@
 """`flux2-klein serve`: fails loudly when a model cannot load, stops cleanly on SIGTERM; and a base
-(undistilled) checkpoint served with classifier-free guidance equals diffusers."""
+(undistilled) checkpoint served with classifier-free guidance equals diffusers; and `TritonProcess` (its one
+retry, its environment, its timeout) with a stand-in tritonserver."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import RunningServer, free_port
+from conftest import ServeCommand, free_port
 from flux2_klein.client.triton_client import Flux2KleinClient
 
 
 def test_sigterm_stops_the_server_cleanly(triton_repo, tmp_path):
-    server = RunningServer(triton_repo, tmp_path / "log")
+    server = ServeCommand(triton_repo, log_path=tmp_path / "log").start()
     server.wait_ready()
     start = time.monotonic()
     assert server.stop() == 0
@@ -47,7 +48,7 @@ def base_server(tiny_base_ckpt, tmp_path_factory):
     from flux2_klein.repository import build_repository
 
     repo = build_repository(tiny_base_ckpt, tmp_path_factory.mktemp("base") / "repo")
-    server = RunningServer.start(repo, tmp_path_factory.mktemp("base-logs"))
+    server = ServeCommand.started(repo, tmp_path_factory.mktemp("base-logs"))
     yield server
     server.stop()
 
@@ -65,3 +66,49 @@ def test_base_checkpoint_with_guidance_equals_diffusers(base_server, tiny_base_c
     diff = np.abs(got.astype(int) - np.asarray(want).astype(int)).max()
     assert diff <= 2, diff
     assert np.abs(got.astype(int) - unguided.astype(int)).mean() > 2  # guidance really ran
+
+
+def _stand_in(tmp_path, body: str):
+    """A tritonserver stand-in: a script that counts its starts and does `body`."""
+    from flux2_klein.server import TritonInstall
+
+    script = tmp_path / "tritonserver"
+    script.write_text(f"#!/bin/sh\necho start >> {tmp_path / 'starts'}\n{body}\n")
+    script.chmod(0o755)
+    return TritonInstall(script)
+
+
+def test_triton_process_retries_once_on_lock_exception_only(tmp_path):
+    from flux2_klein.server import TritonNotReady, TritonProcess
+
+    install = _stand_in(tmp_path, "echo 'terminate called: boost::interprocess::lock_exception'; exit 134")
+    with pytest.raises(TritonNotReady) as info:
+        TritonProcess.launch(tmp_path, log_path=tmp_path / "logs" / "triton.log", timeout_s=30, install=install)
+    assert (tmp_path / "starts").read_text().count("start") == 2
+    assert info.value.exited and "lock_exception" in str(info.value)
+    assert (tmp_path / "logs" / "triton-2.log").is_file()
+
+    (tmp_path / "starts").unlink()
+    install = _stand_in(tmp_path, "echo 'failed to load vae_decoder'; exit 1")
+    with pytest.raises(TritonNotReady) as info:
+        TritonProcess.launch(tmp_path, log_path=tmp_path / "other.log", timeout_s=30, install=install)
+    assert (tmp_path / "starts").read_text().count("start") == 1, "another failure earns no retry"
+    assert info.value.exited and "vae_decoder" in info.value.log_tail and "status 1" in str(info.value)
+
+
+def test_triton_process_environment_and_timeout(tmp_path):
+    from flux2_klein.server import TritonNotReady, TritonProcess
+
+    install = _stand_in(tmp_path, 'echo "PATH=$PATH"; echo "LD=$LD_LIBRARY_PATH"; echo "CWD=$(pwd)"; sleep 30')
+    (tmp_path / "work").mkdir()
+    server = TritonProcess(tmp_path, env={"PATH": "/usr/bin:/bin", "KEEP": "1"}, path=["/first"],
+                           library_path=["/libs"], log_path=tmp_path / "t.log", cwd=tmp_path / "work", install=install)
+    assert len({server.http_port, server.grpc_port, server.metrics_port}) == 3
+    env = server.environment()
+    assert env["PATH"] == "/first:/usr/bin:/bin" and env["LD_LIBRARY_PATH"] == "/libs" and env["KEEP"] == "1"
+    start = time.monotonic()
+    with pytest.raises(TritonNotReady) as info:
+        server.start().wait_ready(timeout_s=2)
+    assert not info.value.exited and time.monotonic() - start < 20, "a live but unready server is stopped"
+    assert server.process.returncode is not None
+    assert f"CWD={tmp_path / 'work'}" in info.value.log_tail and "PATH=/first:" in info.value.log_tail

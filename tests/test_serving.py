@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from flux2_klein.client.triton_client import Flux2KleinClient, GenerationError
+from parity import assert_images_close
 
 TOLERANCE = 2
 
@@ -40,12 +41,18 @@ def oracle(pipe, prompt, *, width=1024, height=1024, seed=0, steps=4, guidance=1
     return np.asarray(out.images[0])
 
 
-def assert_equal_images(got: np.ndarray, want: np.ndarray):
-    assert got.shape == want.shape and got.dtype == np.uint8
-    diff = np.abs(got.astype(int) - want.astype(int)).max()
-    print(f"largest difference against diffusers: {diff}")  # shown with -s; quoted in release notes
-    assert diff <= TOLERANCE, f"largest difference {diff} per channel value"
-    return diff
+# Beside the contract's largest difference: how much of the picture may differ at all. Measured on the
+# tiny checkpoint end to end (ONNX Runtime leaves against diffusers, fp32 CPU) over the cases below:
+# mean up to MEAN_MEASURED, share of differing values up to SHARE_MEASURED; the bounds allow 3x that,
+# while a post-processing rounding change or a dropped batch-norm eps moves 10-50% of all values.
+MEAN_MEASURED, SHARE_MEASURED = 0.0023, 0.0023
+MAX_MEAN_DIFF, MAX_DIFFERING_SHARE = 3 * MEAN_MEASURED, 3 * SHARE_MEASURED
+
+
+def assert_equal_images(got: np.ndarray, want: np.ndarray, *, max_diff: int = TOLERANCE,
+                        max_mean: float = MAX_MEAN_DIFF, max_share: float = MAX_DIFFERING_SHARE) -> int:
+    """The served image equals the oracle's within the contract; returns the largest difference."""
+    return assert_images_close(got, want, max_diff=max_diff, max_mean=max_mean, max_share=max_share).max
 
 
 CASES = [  # protocol, size (w, h), seed, references (size, format)
@@ -64,6 +71,20 @@ def test_image_equals_diffusers(triton_server, tiny_pipe, protocol, size, seed, 
         got = client.generate(prompt, width=size[0], height=size[1], seed=seed, references=references)
     want = oracle(tiny_pipe, prompt, width=size[0], height=size[1], seed=seed, references=references)
     assert_equal_images(got, want)
+
+
+# Every kind of INT64 seed the contract allows, each against diffusers' own CPU generator: negative, zero,
+# one past float64's exact integers (a float on the way would turn it into 2**53), and both INT64 extremes.
+# One step at the default size keeps the five requests cheap; the seed only enters through the noise.
+SEED_CASES = [(-7, "grpc"), (0, "http"), (2**53 + 1, "grpc"), (2**63 - 1, "http"), (-(2**63), "grpc")]
+
+
+@pytest.mark.parametrize("seed,protocol", SEED_CASES, ids=[str(s) for s, _ in SEED_CASES])
+def test_every_int64_seed_equals_diffusers(triton_server, tiny_pipe, seed, protocol):
+    prompt = "a lighthouse at dusk"
+    with Flux2KleinClient(triton_server.url(protocol), protocol=protocol) as client:
+        got = client.generate(prompt, seed=seed, steps=1)
+    assert_equal_images(got, oracle(tiny_pipe, prompt, seed=seed, steps=1))
 
 
 def test_defaults_apply_when_inputs_are_left_out(triton_server, tiny_pipe):

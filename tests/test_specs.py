@@ -39,9 +39,27 @@ def test_the_17_sizes():
     assert image_tokens(1024, 1024) == 4096
 
 
+# Worked out by hand, not by the code under test: the smallest reference diffusers accepts is 64x64
+# pixels = 4x4 tokens of 16x16; a larger one is resized to at most 1024x1024 pixels = 64x64 tokens.
+REF_TOKENS_MIN, REF_TOKENS_MAX = 16, 4096
+
+
+def test_reference_token_bounds_and_transformer_profiles_by_hand(specs):
+    assert reference_token_bounds() == (REF_TOKENS_MIN, REF_TOKENS_MAX)
+    # Text-to-image spans 1504x688 (94x43 = 4042 tokens) to 1328x800 (83x50 = 4150); an edit adds one
+    # reference of 16..4096 tokens, multi_ref two to four.
+    tokens = {p.name: p.dims["tokens"] for p in specs["transformer"].profiles}
+    assert tokens == {
+        "t2i": (4042, 4096, 4150),
+        "edit": (4042 + 16, 2 * 4096, 4150 + 4096),
+        "multi_ref": (4042 + 2 * 16, 3 * 4096, 4150 + 4 * 4096),
+    }
+    assert tokens["multi_ref"][2] == 20534  # the number README.md quotes
+
+
 def test_every_request_falls_inside_a_transformer_profile(specs):
     spec = specs["transformer"]
-    ref_lo, ref_hi = reference_token_bounds()
+    ref_lo, ref_hi = REF_TOKENS_MIN, REF_TOKENS_MAX
     for (w, h), n in itertools.product(SIZES, range(MAX_REFERENCES + 1)):
         for ref_tokens in {n * ref_lo, n * ref_hi, n * (ref_lo + ref_hi) // 2}:
             for batch in (1, 2):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -85,3 +87,68 @@ def test_cli_tiny_and_export_subset(tmp_path):
     assert r.returncode == 2 and "not a directory" in r.stderr
     r = run("export", "onnx", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x"), "--networks", "unet")
     assert r.returncode == 2 and "networks: unknown unet" in r.stderr
+
+
+# ------------------------------------------------------------------------------ full size, written fast
+
+FULL_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "configs" / "flux2-klein-4b.json"
+
+
+def _reduced_4b_config(tmp_path) -> Path:
+    """The 4B config file with depth and widths cut down to CPU size; vocabulary, latent channels, VAE
+    depth and the text layers the pipeline reads (9, 18, 27) stay real."""
+    if not FULL_CONFIG.exists():
+        pytest.skip(f"{FULL_CONFIG} not found")
+    cfg = json.loads(FULL_CONFIG.read_text())
+    cfg["text_encoder"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=28, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=16)
+    cfg["transformer"].update(num_layers=1, num_single_layers=1, attention_head_dim=32, num_attention_heads=2,
+                              axes_dims_rope=[8, 8, 8, 8], joint_attention_dim=3 * 64)
+    cfg["vae"].update(block_out_channels=[32, 32, 64, 64], layers_per_block=1)
+    path = tmp_path / "reduced-4b.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def test_full_size_checkpoint_written_fast_loads_in_diffusers(tmp_path):
+    import hashlib
+    import time
+
+    from diffusers import Flux2KleinPipeline
+    from safetensors import safe_open
+
+    from flux2_klein.tiny import make_full_size
+
+    config = _reduced_4b_config(tmp_path)
+    start = time.perf_counter()
+    ckpt = make_full_size(tmp_path / "ck", config, seed=5, workers=2)
+    print(f"reduced 4B checkpoint written in {time.perf_counter() - start:.2f} s")
+    load_checkpoint(ckpt)  # our own checks accept it
+    pipe = Flux2KleinPipeline.from_pretrained(ckpt, dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+
+    files = {"text_encoder": "model.safetensors", "transformer": "diffusion_pytorch_model.safetensors",
+             "vae": "diffusion_pytorch_model.safetensors"}
+    for name, file in files.items():
+        module = getattr(pipe, name)
+        with safe_open(ckpt / name / file, "pt") as f:
+            keys = set(f.keys())
+            expected = set(module.state_dict()) - ({"lm_head.weight"} if name == "text_encoder" else set())
+            assert keys == expected, (name, sorted(keys ^ expected)[:5])  # nothing missing, nothing unused
+            for key in keys:  # every tensor was really loaded, not re-initialised
+                assert torch.equal(f.get_tensor(key).to(torch.bfloat16), module.state_dict()[key].to(torch.bfloat16)), key
+    te = pipe.text_encoder
+    assert torch.equal(te.lm_head.weight, te.model.embed_tokens.weight)  # tied, as in the real model
+    assert torch.all(pipe.transformer.transformer_blocks[0].attn.norm_q.weight == 1)
+    assert torch.all(pipe.vae.bn.running_var == 1) and torch.all(pipe.vae.bn.running_mean == 0)
+    w = pipe.transformer.transformer_blocks[0].ff.linear_in.weight.detach().float()
+    assert abs(float(w.std()) * w.shape[1] ** 0.5 - 1) < 0.05  # std 1/sqrt(fan-in)
+
+    image = pipe(prompt="a red fox", height=256, width=256, num_inference_steps=1, output_type="np",
+                 generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    assert np.isfinite(image).all() and image.std() > 0.01, image.std()
+
+    # The same bytes whatever the number of threads that drew them.
+    again = make_full_size(tmp_path / "again", config, seed=5, workers=1)
+    digest = lambda p: hashlib.sha256((p / "transformer" / files["transformer"]).read_bytes()).hexdigest()  # noqa: E731
+    assert digest(again) == digest(ckpt)

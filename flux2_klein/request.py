@@ -1,7 +1,8 @@
-"""Request preprocessing for the Triton model `flux2_klein`, free of any transport.
+"""One request of the Triton model `flux2_klein`, validated and prepared, free of any transport.
 
-The Triton Python-backend "preprocess" model wraps this module: it turns the request's tensors into a
-`Request` (validated, with the contract's defaults applied, CONTRACT.md section 3), decodes and
+The Triton Python-backend "preprocess" model (and `DirectPipeline`) wraps this module: it turns the
+request's tensors into a `Request` (validated, with the contract's defaults applied, CONTRACT.md
+section 3, `contract.py`), decodes and
 preprocesses the reference images exactly as diffusers' `Flux2KleinPipeline.__call__` does ("4. process
 images"), and tokenizes the prompt exactly as `Flux2KleinPipeline._get_qwen3_prompt_embeds` does. Every
 caller mistake raises `InvalidInput`, whose message names the input and what is allowed; the wrapper
@@ -32,8 +33,8 @@ from typing import Mapping
 
 import numpy as np
 
+from flux2_klein.contract import DATATYPES, INPUTS, MAX_STEPS, MIN_STEPS, Defaults
 from flux2_klein.sizes import (
-    DEFAULT_SIZE,
     MAX_REFERENCES,
     PIXELS_PER_TOKEN_SIDE,
     REFERENCE_MAX_AREA,
@@ -43,14 +44,6 @@ from flux2_klein.sizes import (
     TEXT_TOKENS,
     size_names,
 )
-
-# The contract's defaults (CONTRACT.md section 3).
-DEFAULT_SEED = 0
-DEFAULT_STEPS_DISTILLED = 4
-DEFAULT_STEPS_BASE = 50
-DEFAULT_GUIDANCE_DISTILLED = 1.0
-DEFAULT_GUIDANCE_BASE = 4.0
-MIN_STEPS, MAX_STEPS = 1, 100
 
 # Decoding a reference costs memory in proportion to its pixels, whatever its file size (a small PNG can
 # declare 50000x50000). Anything larger than this is refused from its header, before decoding: 64 MiP
@@ -84,23 +77,6 @@ class InvalidInput(ValueError):
         self.field = field
         self.message = message
         super().__init__(f"{field}: {message}")
-
-
-@dataclass(frozen=True)
-class Defaults:
-    """What an absent optional input means; differs between distilled and base checkpoints."""
-
-    height: int = DEFAULT_SIZE[1]
-    width: int = DEFAULT_SIZE[0]
-    seed: int = DEFAULT_SEED
-    num_inference_steps: int = DEFAULT_STEPS_DISTILLED
-    guidance_scale: float = DEFAULT_GUIDANCE_DISTILLED
-
-    @classmethod
-    def for_checkpoint(cls, is_distilled: bool) -> "Defaults":
-        if is_distilled:
-            return cls(num_inference_steps=DEFAULT_STEPS_DISTILLED, guidance_scale=DEFAULT_GUIDANCE_DISTILLED)
-        return cls(num_inference_steps=DEFAULT_STEPS_BASE, guidance_scale=DEFAULT_GUIDANCE_BASE)
 
 
 @dataclass
@@ -144,11 +120,15 @@ def _check(name: str, value, expected: str, shape_ok) -> np.ndarray:
     return value
 
 
-def _scalar(inputs: Mapping[str, np.ndarray | None], name: str, expected: str):
+# Each input's KServe type, from the contract.
+_TYPES = {t.name: DATATYPES[t.dtype] for t in INPUTS}
+
+
+def _scalar(inputs: Mapping[str, np.ndarray | None], name: str):
     value = inputs.get(name)
     if value is None:
         return None
-    return _check(name, value, expected, lambda shape: tuple(shape) == (1,))[0]
+    return _check(name, value, _TYPES[name], lambda shape: tuple(shape) == (1,))[0]
 
 
 def _as_bytes(name: str, item) -> bytes:
@@ -178,8 +158,8 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], defaults: Defaults | 
     defaults = defaults or Defaults()
     prompt = parse_prompt(inputs.get("prompt"))
 
-    height = _scalar(inputs, "height", "INT32")
-    width = _scalar(inputs, "width", "INT32")
+    height = _scalar(inputs, "height")
+    width = _scalar(inputs, "width")
     height = defaults.height if height is None else int(height)
     width = defaults.width if width is None else int(width)
     if (width, height) not in SIZES:
@@ -188,15 +168,15 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], defaults: Defaults | 
             f"{width}x{height} (width x height) is not supported; allowed (width x height): {size_names()}",
         )
 
-    seed = _scalar(inputs, "seed", "INT64")
+    seed = _scalar(inputs, "seed")
     seed = defaults.seed if seed is None else int(seed)
 
-    steps = _scalar(inputs, "num_inference_steps", "INT32")
+    steps = _scalar(inputs, "num_inference_steps")
     steps = defaults.num_inference_steps if steps is None else int(steps)
     if not MIN_STEPS <= steps <= MAX_STEPS:
         raise InvalidInput("num_inference_steps", f"must be {MIN_STEPS}..{MAX_STEPS}, got {steps}")
 
-    guidance = _scalar(inputs, "guidance_scale", "FP32")
+    guidance = _scalar(inputs, "guidance_scale")
     # float() of the float32 value: exactly what a client that sent FP32 would pass to diffusers.
     guidance = float(defaults.guidance_scale) if guidance is None else float(guidance)
     if not math.isfinite(guidance) or guidance < 0:
@@ -284,12 +264,6 @@ def decode_reference(data: bytes, index: int) -> np.ndarray:
     image = image.convert("RGB")
     array = np.asarray(image, dtype=np.uint8)
     return np.ascontiguousarray(array)
-
-
-def normalize_reference(reference: np.ndarray) -> np.ndarray:
-    """What the VAE-encoder network does to a preprocessed reference: float32 [H, W, 3] in [-1, 1]."""
-    x = reference.astype(np.float32) / 255.0
-    return 2.0 * x - 1.0
 
 
 # ------------------------------------------------------------------------------------------ tokenizer

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The TensorRT path on a user's H100, inside the image docker/Dockerfile builds (NGC Triton 25.10): what
+# the CPU tests cannot show. It checks TensorRT's Builder and ONNX parser, builds the four engines the way
+# the container does (`flux2-klein build --runtime tensorrt`), dumps each engine's layers with TensorRT's
+# inspector (FP8 GEMMs and fused attention counted), serves them with Triton and runs `flux2-klein bench`.
+#
+#   docker run --rm --gpus 1 --shm-size 2g -v "$PWD":/src -v flux2-h100:/work \
+#       -v /path/to/FLUX.2-klein-4B:/models/checkpoint:ro --entrypoint bash \
+#       flux2-klein-triton:0.1.0 /src/bench/h100_tensorrt.sh
+#
+# Environment: CKPT (default /models/checkpoint; without one, random bf16 weights of CONFIG, default
+# /src/shared/configs/flux2-klein-4b.json), WORK (default /work: graphs, calibration, engines; a rerun
+# resumes from what is finished), PRECISION (fp8 | bf16, default fp8), CALIBRATION_PROMPTS (default 300:
+# every shipped prompt; fewer for a quicker, less faithful FP8 run), CONCURRENCY (default 1:4).
+# Expect: the check line "Builder and OnnxParser work"; the transformer's line with fp8_gemms > 0 and
+# fused_attention > 0 (none fused would mean attention's S^2 scores in memory: tens of GB at four
+# references); bench/report.md with latency per concurrency. Report in $WORK/report.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+WORK=${WORK:-/work}
+REPORT=$WORK/report
+PRECISION=${PRECISION:-fp8}
+mkdir -p "$REPORT"
+cd "$WORK"
+START=$SECONDS
+stamp() { echo "[$((SECONDS - START)) s] $*"; }
+
+stamp "machine and TensorRT"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$REPORT/gpu.txt"
+python3 -m flux2_klein.export.trt_build --check | tee "$REPORT/tensorrt.txt"
+
+CKPT=${CKPT:-/models/checkpoint}
+if [ ! -f "$CKPT/model_index.json" ]; then
+  CONFIG=${CONFIG:-$ROOT/shared/configs/flux2-klein-4b.json}
+  CKPT=$WORK/checkpoint
+  if [ ! -f "$CKPT/model_index.json" ]; then
+    stamp "no checkpoint mounted: random bf16 weights of $CONFIG"
+    flux2-klein tiny --config "$CONFIG" --out "$CKPT"
+  fi
+fi
+
+REPO=$WORK/repository
+if [ "$PRECISION" = fp8 ] && [ ! -f "$WORK/work/fp8/transformer/model.json" ]; then
+  stamp "FP8 calibration and export (${CALIBRATION_PROMPTS:-300} prompts)"
+  flux2-klein export fp8 --checkpoint "$CKPT" --out "$WORK/work/fp8" --limit "${CALIBRATION_PROMPTS:-300}"
+fi
+stamp "engines and repository (fresh engines are reused)"
+flux2-klein build --checkpoint "$CKPT" --out "$REPO" --runtime tensorrt --precision "$PRECISION" --work "$WORK/work" \
+  2>&1 | tee "$REPORT/build.log"
+
+stamp "layer information: FP8 GEMMs and fused attention"
+python3 -m flux2_klein.export.inspect_engine "$REPO"/*/1/model.plan --out "$REPORT/layers" | tee "$REPORT/layers.txt"
+
+stamp "serve and bench"
+flux2-klein serve --repository "$REPO" --http-port 8003 --grpc-port 8001 --metrics-port 8002 \
+  > "$REPORT/tritonserver.log" 2>&1 &
+SERVER=$!
+trap 'kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true' EXIT
+for _ in $(seq 600); do
+  if curl -sf localhost:8003/v2/health/ready > /dev/null; then break; fi
+  if ! kill -0 "$SERVER" 2>/dev/null; then tail -50 "$REPORT/tritonserver.log"; exit 1; fi
+  sleep 1
+done
+nvidia-smi --query-gpu=memory.used --format=csv,noheader | tee "$REPORT/gpu_memory_served.txt"
+flux2-klein bench --url localhost:8001 --concurrency "${CONCURRENCY:-1:4}" --repository "$REPO" --no-direct \
+  --out "$REPORT/bench"
+nvidia-smi --query-gpu=memory.used --format=csv,noheader | tee "$REPORT/gpu_memory_after_bench.txt"
+stamp "done; report in $REPORT"

@@ -1,0 +1,135 @@
+"""Triton's statistics of every model, before and after a level, and what they say about serving overhead."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flux2_klein.contract import MODEL_NAME as MODEL
+
+# The ensemble, then its steps, then what the sampler calls by BLS.
+MODELS = (MODEL, "preprocess", "text_encoder", "sampler", "transformer", "vae_decoder", "vae_encoder")
+# The models whose compute is the request's work; the sampler's own time (loop math and the BLS round
+# trips around its transformer/vae_encoder calls) is reported apart.
+LEAVES = ("preprocess", "text_encoder", "transformer", "vae_encoder", "vae_decoder")
+OVERHEAD_GOAL_MS = 5.0
+
+
+def _ns(stat: dict | None) -> tuple[int, int]:
+    stat = stat or {}
+    return int(stat.get("count", 0) or 0), int(stat.get("ns", 0) or 0)
+
+
+def snapshot(client) -> dict[str, dict[str, int]]:
+    """Triton's cumulative statistics of every model (all versions summed): counts and nanoseconds."""
+    raw = client.get_inference_statistics(model_name="", as_json=True)
+    out: dict[str, dict[str, int]] = {}
+    for m in raw.get("model_stats", []):
+        s = m.get("inference_stats", {})
+        row = out.setdefault(m["name"], {})
+
+        def add(key, value):
+            row[key] = row.get(key, 0) + value
+
+        add("inferences", int(m.get("inference_count", 0) or 0))
+        add("executions", int(m.get("execution_count", 0) or 0))
+        for key in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output",
+                    "cache_hit", "cache_miss"):
+            count, ns = _ns(s.get(key))
+            add(f"{key}_count", count)
+            add(f"{key}_ns", ns)
+    return out
+
+
+def settled_snapshot(client, expected: int | None = None, timeout_s: float = 30.0) -> dict[str, dict[str, int]]:
+    """A snapshot once the statistics stop moving: Triton records a request's statistics as it releases
+    the request, which can be just after the client has its response. `expected`: the ensemble's count of
+    finished requests (success + fail) to wait for, when known."""
+    deadline = time.monotonic() + timeout_s
+    last = snapshot(client)
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = snapshot(client)
+        ens = now.get(MODEL, {})
+        if now == last and (expected is None or ens.get("success_count", 0) + ens.get("fail_count", 0) >= expected):
+            return now
+        last = now
+    return last
+
+
+def delta(before: dict, after: dict) -> dict[str, dict[str, int]]:
+    return {name: {k: v - before.get(name, {}).get(k, 0) for k, v in row.items()} for name, row in after.items()}
+
+
+def model_table(d: dict[str, dict[str, int]]) -> dict[str, dict[str, float]]:
+    """Per model, from one level's statistics delta: times per ensemble request (ms) and per call."""
+    requests = max(d.get(MODEL, {}).get("success_count", 0), 1)
+    table = {}
+    for name in MODELS:
+        row = d.get(name, {})
+        calls = row.get("success_count", 0)
+        compute_ns = row.get("compute_input_ns", 0) + row.get("compute_infer_ns", 0) + row.get("compute_output_ns", 0)
+        table[name] = {
+            "calls": calls,
+            "executions": row.get("executions", 0),
+            "calls_per_request": calls / requests,
+            "queue_ms": row.get("queue_ns", 0) / requests / 1e6,
+            "compute_ms": compute_ns / requests / 1e6,
+            "compute_infer_ms": row.get("compute_infer_ns", 0) / requests / 1e6,
+            "success_ms": row.get("success_ns", 0) / requests / 1e6,
+            "compute_per_call_ms": compute_ns / calls / 1e6 if calls else 0.0,
+            "cache_hits": row.get("cache_hit_count", 0),
+            "failures": row.get("fail_count", 0),
+        }
+    return table
+
+
+
+def overhead(level: dict[str, Any]) -> dict[str, float]:
+    """(a): the client's end-to-end latency against the leaf models' compute per request."""
+    models = level["models"]
+    e2e = level["latency_ms"]["avg"]
+    leaf = sum(models[m]["compute_ms"] for m in LEAVES)
+    inner = models["transformer"]["success_ms"] + models["vae_encoder"]["success_ms"]
+    sampler_own = max(models["sampler"]["compute_ms"] - inner, 0.0)
+    queue = sum(models[m]["queue_ms"] for m in MODELS if m != MODEL)
+    return {
+        "e2e_ms": e2e,
+        "server_ms": models[MODEL]["success_ms"],  # the ensemble, from Triton's receipt to its response
+        "leaf_compute_ms": leaf,
+        "sampler_own_ms": sampler_own,  # the denoising loop's own math and its BLS round trips
+        "queue_ms": queue,
+        "other_ms": e2e - leaf - sampler_own - queue,  # gRPC, the ensemble's hand-offs, tensor copies
+        "overhead_ms": e2e - leaf,
+        "ratio": e2e / leaf if leaf > 0 else float("nan"),
+    }
+
+
+def compare(levels: list[dict[str, Any]], direct: dict[str, Any] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    one = next((lv for lv in levels if lv["concurrency"] == 1), None)
+    if one is not None:
+        out["server_overhead_c1_ms"] = one["overhead"]["overhead_ms"]
+    if direct is None or "latency_ms" not in direct:
+        return out
+    if one is not None:
+        t, d = one["latency_ms"]["avg"], direct["latency_ms"]["avg"]
+        out["latency_c1"] = {"triton_ms": t, "direct_ms": d, "overhead_ms": t - d, "ratio": t / d,
+                             "triton_p50_ms": one["latency_ms"]["p50"], "direct_p50_ms": direct["latency_ms"]["p50"]}
+    rows = []
+    for lv in levels:
+        n = lv["concurrency"]
+        d = direct["throughput_by_n"].get(str(n), direct["throughput"])
+        rows.append({"concurrency": n, "triton": lv["throughput"], "direct": d, "ratio": lv["throughput"] / d})
+    out["throughput"] = rows
+    goals = {}
+    if "latency_c1" in out:
+        goals["overhead_under_5ms_vs_direct"] = out["latency_c1"]["overhead_ms"] < OVERHEAD_GOAL_MS
+    if one is not None:
+        goals["overhead_under_5ms_vs_leaf_compute"] = one["overhead"]["overhead_ms"] < OVERHEAD_GOAL_MS
+    above = [r for r in rows if r["concurrency"] >= 2]
+    if above:
+        goals["faster_than_direct_at_c_ge_2"] = all(r["ratio"] > 1 for r in above)
+    out["goals"] = goals
+    return out
+

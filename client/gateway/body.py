@@ -1,0 +1,223 @@
+"""The body of POST /v1/infer: the strict request model, JSON parsing with messages that name the field,
+base64 images, and the answer's image encoding."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from flux2_klein import contract as api
+from flux2_klein.sizes import DEFAULT_SIZE, MAX_REFERENCES, SIZES, size_names
+
+from ..images import FORMATS
+
+RANDOM_SEED_BOUND = 2**32  # random seeds are 0..2**32-1, as NIM's image APIs use
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+OUTPUT_FORMATS = {"png": ".png", "jpeg": ".jpeg", "webp": ".webp"}
+
+
+class InferRequest(BaseModel):
+    """The body of POST /v1/infer."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(description="the text prompt (UTF-8; may be empty)")
+    width: int | None = Field(None, description=f"output width; with height one of: {size_names()}",
+                              examples=[1024])
+    height: int | None = Field(None, description=f"output height (default {DEFAULT_SIZE[1]})", examples=[1024])
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX,
+                             description="noise seed; absent or null: random (returned in the artifact)")
+    steps: int | None = Field(None, ge=api.MIN_STEPS, le=api.MAX_STEPS,
+                              description=f"denoising steps (default: {api.DEFAULT_STEPS_DISTILLED} distilled, "
+                                          f"{api.DEFAULT_STEPS_BASE} base)")
+    cfg_scale: float | None = Field(None, ge=0, allow_inf_nan=False,
+                                    description=f"guidance scale (default: {api.DEFAULT_GUIDANCE_DISTILLED}, ignored, "
+                                                f"distilled; {api.DEFAULT_GUIDANCE_BASE} base)")
+    image: list[str] | None = Field(
+        None, max_length=MAX_REFERENCES,
+        description=f"up to {MAX_REFERENCES} reference images for editing: PNG, JPEG or WebP files as base64 "
+                    "or data URLs (data:image/png;base64,...); a single string counts as a list of one",
+    )
+    output_format: Literal["png", "jpeg", "webp"] = Field(
+        "png", description="encoding of the answered image: png (lossless, default), jpeg or webp")
+    samples: Literal[1] = Field(1, description="images per request; only 1 (NIM compatibility)")
+
+    @field_validator("image", mode="before")
+    @classmethod
+    def _one_image(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("output_format", mode="before")
+    @classmethod
+    def _format_alias(cls, value):
+        if isinstance(value, str):
+            value = value.strip().lower()
+            return "jpeg" if value == "jpg" else value
+        return value
+
+
+class ApiError(Exception):
+    """An answer other than 200, raised anywhere while serving a request."""
+
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(status, detail)
+        self.status, self.detail, self.headers = status, detail, headers or {}
+
+
+def _describe_input(value: Any) -> str:
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _field_name(loc) -> str:
+    name = ""
+    for part in loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif part in ("list[str]", "str"):  # a union member's tag, not a field
+            continue
+        else:
+            name += ("." if name else "") + str(part)
+    return name or "body"
+
+
+def validation_detail(errors: list[dict], allowed: list[str]) -> str:
+    """pydantic's errors as one message, each part naming its field: 'width: Input should be ... got "big"'."""
+    parts = []
+    for err in errors:
+        field = _field_name(err.get("loc", ()))
+        kind = err.get("type", "")
+        if kind == "extra_forbidden":
+            parts.append(f"{field}: unknown field; allowed fields: {', '.join(allowed)}")
+        elif kind == "missing":
+            parts.append(f"{field}: required")
+        elif kind == "too_long" and "max_length" in err.get("ctx", {}):
+            ctx = err["ctx"]
+            things = "images" if field == "image" else "entries"
+            parts.append(f"{field}: at most {ctx['max_length']} {things}, got {ctx.get('actual_length', 'more')}")
+        else:
+            message = err.get("msg", "invalid")
+            if "input" in err:
+                message += f"; got {_describe_input(err['input'])}"
+            parts.append(f"{field}: {message}")
+    return "; ".join(parts)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_body(raw: bytes) -> InferRequest:
+    """The request body as a validated InferRequest, or ApiError 400 (not JSON) / 422 (not valid)."""
+    if not raw.strip():
+        raise ApiError(400, 'request body is empty; expected a JSON object such as {"prompt": "a red fox"}')
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"request body is not UTF-8 text (invalid byte at offset {e.start}); send JSON") from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except ValueError as e:  # NaN, Infinity
+        raise ApiError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(data), "a number")
+        raise ApiError(422, f'request body must be a JSON object such as {{"prompt": "a red fox"}}; got {kind}')
+    try:
+        request = InferRequest.model_validate(data)
+    except ValidationError as e:
+        raise ApiError(422, validation_detail(e.errors(include_url=False), list(InferRequest.model_fields))) from None
+    try:
+        request.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(422, f"prompt: not valid Unicode text (a lone surrogate at character {e.start})") from None
+    return request
+
+
+_DATA_URL = re.compile(r"data:(?P<mime>[^,;]*)(?P<params>(?:;[^,;]*)*),(?P<data>.*)", re.DOTALL | re.IGNORECASE)
+_BASE64_CHARS = re.compile(r"[A-Za-z0-9+/=_-]*")
+
+
+def decode_image(text: str, index: int) -> bytes:
+    """One entry of "image": plain base64 (standard or URL-safe, padding optional, whitespace ignored) or a
+    base64 data URL of an image type -> the file's bytes. Whether they are a decodable image is Triton's call."""
+    field = f"image[{index}]"
+    data = text.strip()
+    if data[:5].lower() == "data:":
+        m = _DATA_URL.fullmatch(data)
+        if not m:
+            raise ApiError(422, f"{field}: malformed data URL; expected data:image/png;base64,<base64>")
+        mime = m.group("mime").strip().lower()
+        if mime and not mime.startswith("image/"):
+            raise ApiError(422, f"{field}: data URL of type {mime!r}; expected an image (image/png, image/jpeg, "
+                                "image/webp)")
+        if "base64" not in [p.strip().lower() for p in m.group("params").split(";")]:
+            raise ApiError(422, f"{field}: only base64 data URLs are supported (data:image/png;base64,...)")
+        data = m.group("data")
+    data = re.sub(r"\s+", "", data)
+    if not data:
+        raise ApiError(422, f"{field}: empty; expected a PNG, JPEG or WebP file as base64 or a data URL")
+    if not _BASE64_CHARS.fullmatch(data):
+        bad = next(c for c in data if not _BASE64_CHARS.fullmatch(c))
+        raise ApiError(422, f"{field}: not valid base64 (character {bad!r}); expected a PNG, JPEG or WebP file as "
+                            "base64 or a data URL (data:image/png;base64,...)")
+    data = data.rstrip("=").translate(str.maketrans("-_", "+/"))
+    try:
+        decoded = base64.b64decode(data + "=" * (-len(data) % 4), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ApiError(422, f"{field}: not valid base64 ({e})") from None
+    if not decoded:
+        raise ApiError(422, f"{field}: empty; expected a PNG, JPEG or WebP file")
+    return decoded
+
+
+def check_size(width: int | None, height: int | None) -> None:
+    if width is None and height is None:
+        return
+    pair = (DEFAULT_SIZE[0] if width is None else width, DEFAULT_SIZE[1] if height is None else height)
+    if pair not in SIZES:
+        raise ApiError(422, f"width/height: {pair[0]}x{pair[1]} (width x height) is not supported; allowed: "
+                            f"{size_names()}")
+
+
+# Triton's input names, as they start its INVALID_ARGUMENT messages, -> this API's field names.
+_FIELD_NAMES = [
+    (re.compile(r"\breference_images\b"), "image"),
+    (re.compile(r"\bnum_inference_steps\b"), "steps"),
+    (re.compile(r"\bguidance_scale\b"), "cfg_scale"),
+    (re.compile(r"\bheight/width\b"), "width/height"),
+]
+# Where a message about one input starts: "height/width: ...", "reference_images[2]: ...", "seed: ...".
+_FIELD_START = re.compile(r"\b(height/width|" + "|".join(map(re.escape, api.INPUT_NAMES)) + r")(?:\[\d+\])?:")
+
+
+def api_message(triton_message: str) -> str:
+    """A Triton INVALID_ARGUMENT message in this API's field names: 'reference_images[0]: ...' -> 'image[0]: ...'."""
+    message = triton_message.strip()
+    # The ensemble prefixes its step's message ("in ensemble 'flux2_klein', ..."): keep what names the field.
+    m = _FIELD_START.search(message)
+    if m:
+        message = message[m.start():]
+    for pattern, name in _FIELD_NAMES:
+        message = pattern.sub(name, message)
+    return message
+
+
+def encode_image(array, fmt: str) -> bytes:
+    from PIL import Image
+
+    pil_format, options = FORMATS[OUTPUT_FORMATS[fmt]]
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=pil_format, **options)
+    return buf.getvalue()
+

@@ -1,0 +1,130 @@
+"""Request ids, the API key, the body size limit and the concurrency limit: one ASGI middleware, outside
+FastAPI's routing so that it answers before a body is read; it also feeds the metrics."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+from .metrics import PATHS
+from .settings import ENV
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+log = logging.getLogger("flux2_klein.gateway")
+
+OPEN_PATHS = frozenset({"/v1/health/live", "/v1/health/ready", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+async def _send_json(send, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
+    payload = json.dumps(body).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class LimitsMiddleware:
+    """Request ids, metrics, the API key, the body size limit and the concurrency limit, in that order."""
+
+    def __init__(self, app, gateway: Gateway):
+        self.app = app
+        self.gateway = gateway
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        gw = self.gateway
+        start = time.perf_counter()
+        path = scope["path"] if scope["path"] in PATHS else "other"
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        request_id = headers.get("x-request-id", "")
+        if not _REQUEST_ID.fullmatch(request_id):
+            request_id = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        status_box = [500]
+        started = [False]
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                started[0] = True
+                status_box[0] = message["status"]
+                message = dict(message)
+                message["headers"] = list(message.get("headers", [])) + [(b"x-request-id", request_id.encode())]
+            await send(message)
+
+        admitted = False
+        try:
+            # The API key, checked in constant time.
+            if gw.settings.api_key and scope["path"] not in OPEN_PATHS:
+                auth = headers.get("authorization", "")
+                scheme, _, token = auth.partition(" ")
+                if not auth:
+                    await _send_json(send_wrapper, 401, {
+                        "detail": "authorization required: send the header 'Authorization: Bearer <API key>'"},
+                        {"WWW-Authenticate": "Bearer"})
+                    return
+                if scheme.lower() != "bearer" or not hmac.compare_digest(
+                        token.strip().encode("latin-1"), gw.settings.api_key.encode()):
+                    await _send_json(send_wrapper, 401, {
+                        "detail": "invalid API key: send the header 'Authorization: Bearer <API key>'"},
+                        {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+                    return
+
+            # The body size, from Content-Length before a byte is read; counted while reading otherwise.
+            limit = gw.settings.max_body_bytes
+            too_large = (f"request body too large: more than {limit} bytes (the gateway's --max-body-bytes / "
+                         f"{ENV['max_body_bytes']})")
+            length = headers.get("content-length")
+            if length is not None:
+                if not length.strip().isdigit():
+                    await _send_json(send_wrapper, 400, {"detail": f"invalid Content-Length header {length!r}"})
+                    return
+                if int(length) > limit:
+                    await _send_json(send_wrapper, 413, {"detail": too_large}, {"Connection": "close"})
+                    return
+            received = 0
+
+            async def limited_receive():
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > limit:
+                        from starlette.exceptions import HTTPException
+
+                        raise HTTPException(413, too_large)
+                return message
+
+            # The concurrency limit, only for /v1/infer: health and metrics must answer while it is full.
+            if scope["path"] == "/v1/infer" and scope["method"] == "POST":
+                if gw.in_flight >= gw.settings.max_concurrency:
+                    await _send_json(send_wrapper, 429, {
+                        "detail": f"too many requests in flight: at most {gw.settings.max_concurrency} at once "
+                                  f"(the gateway's --max-concurrency / {ENV['max_concurrency']}); retry later"},
+                        {"Retry-After": str(gw.settings.retry_after_s)})
+                    return
+                admitted = True
+                gw.in_flight += 1
+                gw.metrics.in_flight.inc()
+            await self.app(scope, limited_receive, send_wrapper)
+        except Exception:
+            if not started[0]:
+                log.exception("request %s: unhandled error", request_id)
+                await _send_json(send_wrapper, 500, {
+                    "detail": f"internal error in the gateway (request {request_id}); its log has the details"})
+            else:
+                raise
+        finally:
+            if admitted:
+                gw.in_flight -= 1
+                gw.metrics.in_flight.dec()
+            gw.metrics.observe(path, scope["method"], status_box[0], time.perf_counter() - start)

@@ -1,0 +1,47 @@
+"""The gateway's Prometheus metrics (GET /v1/metrics), in a registry of their own."""
+
+from __future__ import annotations
+
+PATHS = ("/v1/infer", "/v1/health/live", "/v1/health/ready", "/v1/models", "/v1/metrics", "/docs",
+         "/docs/oauth2-redirect", "/openapi.json")
+HEALTH_PATHS = frozenset({"/v1/health/live", "/v1/health/ready"})
+REASONS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+           413: "body_too_large", 422: "invalid_argument", 429: "busy", 500: "internal", 502: "upstream_error",
+           503: "unavailable", 504: "timeout"}
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
+
+
+class Metrics:
+    """The gateway's Prometheus metrics, in a registry of their own (several gateways may share a process)."""
+
+    def __init__(self, max_concurrency: int):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        p = "flux2_klein_gateway_"
+        self.requests = Counter(p + "requests", "HTTP requests answered, by path, method and status code",
+                                ["path", "method", "status"], registry=self.registry)
+        self.latency = Histogram(p + "request_duration_seconds", "Time from a request's arrival to its full answer",
+                                 ["path"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.errors = Counter(p + "errors", "Answers with a status >= 400 (health endpoints left out), by reason",
+                              ["path", "reason"], registry=self.registry)
+        self.in_flight = Gauge(p + "in_flight", "/v1/infer requests being served", registry=self.registry)
+        self.limit = Gauge(p + "max_concurrency", "The most /v1/infer requests served at once",
+                           registry=self.registry)
+        self.limit.set(max_concurrency)
+
+    def observe(self, path: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(path, method, str(status)).inc()
+        self.latency.labels(path).observe(seconds)
+        if status >= 400 and path not in HEALTH_PATHS:
+            self.errors.labels(path, REASONS.get(status, f"http_{status}")).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Limits: one ASGI middleware, outside FastAPI's routing so that it answers before a body is read
+# ---------------------------------------------------------------------------------------------------------------

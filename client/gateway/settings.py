@@ -1,0 +1,71 @@
+"""The gateway's settings: a flag each, whose default comes from an environment variable (`ENV`)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from dataclasses import dataclass
+
+from flux2_klein.contract import MODEL_NAME
+
+from ..triton_client import DEFAULT_URLS
+
+ENV = {
+    "host": "FLUX2_KLEIN_GATEWAY_HOST",
+    "port": "FLUX2_KLEIN_GATEWAY_PORT",
+    "triton_url": "FLUX2_KLEIN_GATEWAY_TRITON_URL",
+    "model": "FLUX2_KLEIN_GATEWAY_MODEL",
+    "max_body_bytes": "FLUX2_KLEIN_GATEWAY_MAX_BODY_BYTES",
+    "max_concurrency": "FLUX2_KLEIN_GATEWAY_MAX_CONCURRENCY",
+    "timeout_s": "FLUX2_KLEIN_GATEWAY_TIMEOUT_S",
+    "retry_after_s": "FLUX2_KLEIN_GATEWAY_RETRY_AFTER_S",
+    "api_key": "FLUX2_KLEIN_API_KEY",
+}
+DEFAULTS = {
+    "host": "0.0.0.0",
+    "port": "8000",
+    "triton_url": DEFAULT_URLS["grpc"],
+    "model": MODEL_NAME,
+    "max_body_bytes": "64MiB",
+    "max_concurrency": "8",
+    "timeout_s": "300",
+    "retry_after_s": "1",
+}
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+               "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+
+
+def parse_bytes(text: str) -> int:
+    """'67108864', '64MiB', '50M', '1.5GB' -> bytes; an argparse type."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _BYTE_UNITS or int(float(m.group(1)) * _BYTE_UNITS[unit]) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number of bytes, optionally with a unit (K, M, G, KiB, MiB, GiB); got {text!r}")
+    return int(float(m.group(1)) * _BYTE_UNITS[unit])
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """What one gateway serves with; `cli.settings_from_args` makes one from the flags."""
+
+    triton_url: str = DEFAULTS["triton_url"]
+    model: str = DEFAULTS["model"]
+    max_body_bytes: int = parse_bytes(DEFAULTS["max_body_bytes"])
+    max_concurrency: int = int(DEFAULTS["max_concurrency"])
+    timeout_s: float = float(DEFAULTS["timeout_s"])
+    retry_after_s: int = int(DEFAULTS["retry_after_s"])
+    api_key: str | None = None
+
+    def __post_init__(self):
+        if self.max_body_bytes <= 0:
+            raise ValueError(f"max_body_bytes must be positive; got {self.max_body_bytes}")
+        if self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1; got {self.max_concurrency}")
+        if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
+            raise ValueError(f"timeout_s must be a positive number of seconds; got {self.timeout_s}")
+        if self.retry_after_s < 0:
+            raise ValueError(f"retry_after_s must be >= 0; got {self.retry_after_s}")

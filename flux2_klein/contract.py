@@ -1,0 +1,149 @@
+"""The public model's interface (docs/CONTRACT.md section 3), stated once: its name, its inputs with their
+types, ranges and defaults, its output, and the request tensors a client sends.
+
+The client, the gateway, the benchmark, request validation, the Triton configs and the checkpoint all
+read these facts from here. This module imports nothing of the project but `sizes`, so that any of them
+can use it (the client without torch, the checkpoint reader without the specs).
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .sizes import DEFAULT_SIZE
+
+MODEL_NAME = "flux2_klein"  # the ensemble users call
+
+
+@dataclass(frozen=True)
+class ApiTensor:
+    """One tensor of the public model. `dtype` is a numpy dtype name ("bytes": Triton's BYTES);
+    `shape` holds ints (fixed) and names (dynamic). `optional`: Triton may let it through absent."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+    optional: bool = False
+
+
+# Every input is declared optional, `prompt` too: Triton does not check an ensemble's required inputs,
+# and a request without one would stall the ensemble ("unexpected deadlock"); preprocess rejects a
+# missing prompt by name.
+INPUTS = (
+    ApiTensor("prompt", "bytes", (1,), optional=True),
+    ApiTensor("height", "int32", (1,), optional=True),
+    ApiTensor("width", "int32", (1,), optional=True),
+    ApiTensor("seed", "int64", (1,), optional=True),
+    ApiTensor("num_inference_steps", "int32", (1,), optional=True),
+    ApiTensor("guidance_scale", "float32", (1,), optional=True),
+    ApiTensor("reference_images", "bytes", ("n",), optional=True),
+)
+OUTPUT = ApiTensor("image", "uint8", ("height", "width", 3))
+INPUT_NAMES = tuple(t.name for t in INPUTS)
+
+# KServe's names for the dtypes above, as requests carry them.
+DATATYPES = {"bytes": "BYTES", "int32": "INT32", "int64": "INT64", "float32": "FP32", "uint8": "UINT8"}
+
+MIN_STEPS, MAX_STEPS = 1, 100
+DEFAULT_SEED = 0
+DEFAULT_STEPS_DISTILLED, DEFAULT_STEPS_BASE = 4, 50
+# Distilled checkpoints ignore guidance; base ones run classifier-free guidance with an empty negative prompt.
+DEFAULT_GUIDANCE_DISTILLED, DEFAULT_GUIDANCE_BASE = 1.0, 4.0
+
+# What the DiT's GEMMs run in on TensorRT (the rest stays BF16).
+PRECISIONS = ("fp8", "bf16")
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What an absent optional input means; differs between distilled and base checkpoints."""
+
+    height: int = DEFAULT_SIZE[1]
+    width: int = DEFAULT_SIZE[0]
+    seed: int = DEFAULT_SEED
+    num_inference_steps: int = DEFAULT_STEPS_DISTILLED
+    guidance_scale: float = DEFAULT_GUIDANCE_DISTILLED
+
+    @classmethod
+    def for_checkpoint(cls, is_distilled: bool) -> Defaults:
+        if is_distilled:
+            return cls(num_inference_steps=DEFAULT_STEPS_DISTILLED, guidance_scale=DEFAULT_GUIDANCE_DISTILLED)
+        return cls(num_inference_steps=DEFAULT_STEPS_BASE, guidance_scale=DEFAULT_GUIDANCE_BASE)
+
+
+Reference = bytes | bytearray | memoryview | str | os.PathLike
+
+
+def read_reference(path: str | os.PathLike) -> bytes:
+    """A reference image's file as the raw encoded bytes the server decodes itself (PNG, JPEG or WebP):
+    never decoded or re-encoded here, so the server sees exactly the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reference image not found: {path}")
+    return path.read_bytes()
+
+
+def _reference_bytes(ref: Reference) -> bytes:
+    if isinstance(ref, (bytes, bytearray, memoryview)):
+        return bytes(ref)
+    if isinstance(ref, (str, os.PathLike)):
+        return read_reference(ref)
+    raise TypeError(f"a reference image is encoded file bytes or a path; got {type(ref).__name__}")
+
+
+def input_arrays(
+    prompt: str,
+    *,
+    width: int | None = None,
+    height: int | None = None,
+    seed: int | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    references: Iterable[Reference] = (),
+) -> dict[str, tuple[str, np.ndarray]]:
+    """The request's tensors as {input name: (KServe datatype, numpy array)}, in the contract's types.
+
+    Inputs given as None (and an empty reference list) are left out, so the server's defaults apply.
+    BYTES tensors are numpy object arrays of `bytes`: an 'S' array would drop trailing NUL bytes,
+    which an encoded image may well end with.
+    """
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str; got {type(prompt).__name__}")
+    arrays: dict[str, tuple[str, np.ndarray]] = {
+        "prompt": ("BYTES", np.array([prompt.encode("utf-8")], dtype=np.object_)),
+    }
+
+    def integer(name: str, value: Any, dtype: str) -> None:
+        if value is None:
+            return
+        if isinstance(value, bool):
+            raise TypeError(f"{name} must be an integer; got {value!r}")
+        value = operator.index(value)  # TypeError for floats and strings, rather than truncating
+        info = np.iinfo(dtype)
+        if not info.min <= value <= info.max:
+            raise ValueError(f"{name} must fit {DATATYPES[dtype]} ({info.min}..{info.max}); got {value}")
+        arrays[name] = (DATATYPES[dtype], np.array([value], dtype=dtype))
+
+    integer("height", height, "int32")
+    integer("width", width, "int32")
+    integer("seed", seed, "int64")
+    integer("num_inference_steps", steps, "int32")
+    if guidance is not None:
+        if isinstance(guidance, bool):
+            raise TypeError(f"guidance must be a number; got {guidance!r}")
+        arrays["guidance_scale"] = (DATATYPES["float32"], np.array([float(guidance)], dtype=np.float32))
+
+    refs = [_reference_bytes(r) for r in references]
+    if refs:
+        data = np.empty([len(refs)], dtype=np.object_)  # element-wise, so numpy can't turn it into 'S'
+        for i, ref in enumerate(refs):
+            data[i] = ref
+        arrays["reference_images"] = ("BYTES", data)
+    return arrays

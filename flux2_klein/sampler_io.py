@@ -1,0 +1,71 @@
+"""What preprocess hands the sampler for one request, and how the sampler reads it back: no transport here.
+
+The sampler is a batching Triton model, so each of these tensors carries a leading batch dimension of 1
+(`SAMPLER_INPUTS` in triton_config.py states the names and shapes without it). The guidance decision is
+made once, in preprocess, and travels as the named flag `guided`; under guidance the sampler also gets the
+empty negative prompt's tokens, which it encodes once and keeps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .request import pack_references, unpack_references
+from .sampling import Shape
+from .sizes import latent_grid
+
+
+@dataclass
+class SamplerRequest:
+    """One request as the sampler sees it (the prompt's embedding travels separately, from the text encoder)."""
+
+    width: int
+    height: int
+    seed: int
+    num_inference_steps: int
+    guidance_scale: float
+    guided: bool
+    references: list[np.ndarray]  # uint8 [H, W, 3] each, already resized as the pipeline resizes them
+    negative_input_ids: np.ndarray  # int64 [1, 512]
+    negative_attention_mask: np.ndarray
+
+    @property
+    def shape(self) -> Shape:
+        grids = tuple(latent_grid(r.shape[1], r.shape[0]) for r in self.references)
+        return Shape(self.width, self.height, self.num_inference_steps, self.guided, grids)
+
+
+def pack(req, guided: bool, negative: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+    """The sampler's inputs for a validated request (request.Request), each with its leading batch of 1.
+
+    `negative` is the empty prompt's (input_ids, attention_mask), [1, 512] each."""
+    pixels, shapes = pack_references(req.references)
+    one = lambda value, dtype: np.array([[value]], dtype=dtype)  # noqa: E731
+    ids, mask = negative
+    return {
+        "height": one(req.height, np.int32),
+        "width": one(req.width, np.int32),
+        "seed": one(req.seed, np.int64),
+        "num_inference_steps": one(req.num_inference_steps, np.int32),
+        "guidance_scale": one(req.guidance_scale, np.float32),
+        "guided": one(guided, np.bool_),
+        "reference_pixels": pixels[None],
+        "reference_shapes": shapes[None],
+        "negative_input_ids": ids.reshape(1, -1).astype(np.int64, copy=False),
+        "negative_attention_mask": mask.reshape(1, -1).astype(np.int64, copy=False),
+    }
+
+
+def unpack(arrays: dict[str, np.ndarray]) -> SamplerRequest:
+    """Inverse of `pack` for one request's arrays (each [1, ...], as Triton hands a batch-of-one request)."""
+    scalar = lambda name: arrays[name].reshape(-1)[0].item()  # noqa: E731
+    return SamplerRequest(
+        width=int(scalar("width")), height=int(scalar("height")), seed=int(scalar("seed")),
+        num_inference_steps=int(scalar("num_inference_steps")), guidance_scale=float(scalar("guidance_scale")),
+        guided=bool(scalar("guided")),
+        references=unpack_references(arrays["reference_pixels"].reshape(-1), arrays["reference_shapes"].reshape(-1, 2)),
+        negative_input_ids=arrays["negative_input_ids"].reshape(1, -1),
+        negative_attention_mask=arrays["negative_attention_mask"].reshape(1, -1),
+    )
