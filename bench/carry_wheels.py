@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Fill .whl/ with the wheels bench/gpu_h100.sh needs on a GPU machine that has no network.
+"""Fill .whl/ with the wheels bench/gpu_hopper.sh needs on a GPU machine that has no network.
 
     python bench/carry_wheels.py [--out .whl] [--python-version 3.12]
 
@@ -9,6 +9,9 @@ transformers, tokenizers, safetensors, accelerate, Pillow, huggingface-hub and s
   diffusers 0.42.1       the pipeline (the baseline) and the networks (the leaves)
   numpy 1.26.4           for Triton's Python models only: the stub is built for numpy 1 (under numpy 2
                          its BYTES tensors come out garbled)
+  torchao 0.18.0         FP8 GEMMs for the torch leaves (its compiled kernels dropped: float8 inference runs
+                         on torch._scaled_mm)
+  pytest 8.3.5 (+ pluggy, iniconfig)   the GPU test suite (8.3 needs no pygments)
 Everything that travels to that machine, the working tree included, must stay under 64 MiB, and the
 nvidia-pytriton wheel alone is 55 MB: it is rewritten here without the stubs for other Pythons and the
 libpython 3.13 it bundles (a valid wheel still, its RECORD updated), which brings it near 40 MB.
@@ -23,7 +26,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-WHEELS = ("nvidia-pytriton==0.7.0", "diffusers==0.42.1", "numpy==1.26.4")
+WHEELS = ("nvidia-pytriton==0.7.0", "diffusers==0.42.1", "numpy==1.26.4", "torchao==0.18.0", "pytest==8.3.5",
+          "pluggy==1.6.0", "iniconfig==2.1.0")
 PLATFORMS = ("manylinux_2_35_x86_64", "manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64")
 BUDGET = 64 << 20  # what the device tool carries, working tree included
@@ -38,6 +42,22 @@ def slim_pytriton(wheel: Path, python_version: str) -> Path:
             return True
         return name.startswith("nvidia_pytriton.libs/libpython3-")  # the 3.13 stub's own libpython
 
+    return slim_wheel(wheel, dropped)
+
+
+def slim_torchao(wheel: Path) -> Path:
+    """Drop torchao's compiled CUDA extensions: FP8 inference calls torch._scaled_mm, and torchao imports
+    without them (it only warns)."""
+    return slim_wheel(wheel, lambda name: name.startswith("torchao/") and name.endswith(".so"))
+
+
+def slim_numpy(wheel: Path) -> Path:
+    """Drop numpy's own test suites (a few MiB nobody runs there)."""
+    return slim_wheel(wheel, lambda name: "/tests/" in name and name.startswith("numpy/"))
+
+
+def slim_wheel(wheel: Path, dropped) -> Path:
+    """Rewrite `wheel` in place without the files `dropped(name)` selects, its RECORD updated."""
     with zipfile.ZipFile(wheel) as src, tempfile.NamedTemporaryFile(dir=wheel.parent, delete=False) as tmp:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as dst:
             for info in src.infolist():
@@ -66,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--python-version", default="3.12", help="the GPU machine's Python (default 3.12)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    stale = [w for w in args.out.glob("*.whl") if w.name.split("-")[0] in ("nvidia_pytriton", "diffusers", "numpy")]
+    names = {w.split("==")[0].replace("-", "_") for w in WHEELS}
+    stale = [w for w in args.out.glob("*.whl") if w.name.split("-")[0] in names]
     for w in stale:
         w.unlink()
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version",
@@ -76,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run(cmd + list(WHEELS), check=True)
     (pytriton,) = args.out.glob("nvidia_pytriton-*.whl")
     slim_pytriton(pytriton, args.python_version)
+    (torchao,) = args.out.glob("torchao-*.whl")
+    slim_torchao(torchao)
+    (numpy,) = args.out.glob("numpy-*.whl")
+    slim_numpy(numpy)
     wheels = sorted(args.out.glob("*.whl"))
     for w in wheels:
         print(f"{w.stat().st_size / 2**20:7.1f} MiB  {w.name}")

@@ -1,12 +1,13 @@
 """`flux2-klein generate` (CONTRACT.md section 2): one image through tritonclient.
 
     flux2-klein generate --prompt TEXT [--size WxH] [--seed N] [--steps N] [--guidance F]
-                         [--reference FILE]... [--url HOST:PORT] [--protocol grpc|http] --out FILE
+                         [--reference FILE]... [--url HOST:PORT] [--protocol grpc|http] [--wait S] --out FILE
 
 Options left out are not sent, so the server's defaults apply (1024x1024, seed 0, the checkpoint's
 steps and guidance). The server judges every value; a bad one (an unsupported size, steps out of range,
 too many or undecodable references) comes back as its message on stderr and exit status 2. Exit status 1:
-the server could not be reached, timed out or failed. 0: the image was written; stdout gets one line,
+the server could not be reached (after waiting --wait seconds for it, 60 by default, saying so on
+stderr every few seconds), timed out or failed. 0: the image was written; stdout gets one line,
 "<path>\t<seconds> s", the seconds being the request's round trip.
 """
 
@@ -20,6 +21,8 @@ import time
 from flux2_klein import contract as api
 from flux2_klein.sizes import DEFAULT_SIZE, MAX_REFERENCES, size_names
 
+# Long enough for `serve` of the CPU demo to load its models (26-37 s on 2 CPUs).
+DEFAULT_WAIT_S = 60.0
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 
 
@@ -44,7 +47,8 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     )
     g.add_argument("--prompt", required=True, metavar="TEXT", help="the text prompt (UTF-8)")
     g.add_argument("--size", type=parse_size, default=None, metavar="WxH",
-                   help=f"output WIDTHxHEIGHT (default {DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]}); one of {size_names()}")
+                   help=f"output WIDTHxHEIGHT (default {DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]}, or with --reference the "
+                        f"size nearest the first reference's aspect ratio); one of {size_names()}")
     g.add_argument("--seed", type=int, default=None, metavar="N", help=f"noise seed (default {api.DEFAULT_SEED})")
     g.add_argument("--steps", type=int, default=None, metavar="N",
                    help=f"denoising steps, {api.MIN_STEPS}..{api.MAX_STEPS} (default: {api.DEFAULT_STEPS_DISTILLED} "
@@ -57,6 +61,9 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--url", default=None, metavar="HOST:PORT",
                    help=f"Triton's endpoint (default {DEFAULT_URLS['grpc']} for grpc, {DEFAULT_URLS['http']} for http)")
     g.add_argument("--protocol", choices=PROTOCOLS, default="grpc", help="grpc (default) or http")
+    g.add_argument("--wait", type=float, default=DEFAULT_WAIT_S, metavar="S",
+                   help=f"wait up to S seconds for Triton and the model to be ready, e.g. just after `serve` "
+                        f"started (default {DEFAULT_WAIT_S:g}; 0: fail at once)")
     g.add_argument("--out", required=True, metavar="FILE",
                    help=f"image to write; the extension picks the format: {', '.join(EXTENSIONS)}")
     g.set_defaults(func=run_generate)
@@ -80,6 +87,9 @@ def run_generate(args: argparse.Namespace) -> int:
 
     try:
         with Flux2KleinClient(url, protocol=args.protocol) as client:
+            if args.wait > 0:
+                client.wait_until_ready(args.wait, on_wait=lambda waited, why: print(
+                    f"waiting for Triton ({waited:.0f} s of {args.wait:g} s): {why}", file=sys.stderr, flush=True))
             start = time.perf_counter()
             image = client.generate(
                 args.prompt, width=width, height=height, seed=args.seed, steps=args.steps,

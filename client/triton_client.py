@@ -16,8 +16,10 @@ tritonclient is imported lazily, per protocol: the HTTP client pulls in gevent, 
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -26,6 +28,11 @@ from flux2_klein.contract import MODEL_NAME, OUTPUT, Reference, input_arrays
 PROTOCOLS = ("grpc", "http")
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 DEFAULT_TIMEOUT_S = 600.0
+# How often a wait for readiness asks the server, and how often it says it is still waiting.
+_READY_POLL_S = 0.5
+_READY_REPORT_S = 5.0
+
+log = logging.getLogger("flux2_klein.client")
 
 INVALID_ARGUMENT = "INVALID_ARGUMENT"
 UNAVAILABLE = "UNAVAILABLE"
@@ -181,6 +188,9 @@ class Flux2KleinClient:
     url: HOST:PORT of Triton's gRPC (default 8001) or HTTP (default 8000) endpoint.
     timeout_s: the longest a call may take, end to end (gRPC deadline; HTTP network timeout). The
     first request after a server start includes any lazy initialisation, so keep it generous.
+    wait_s: before the first request, wait up to this long for the server to answer and the model to be
+    ready (Triton opens its ports only once every model has loaded, tens of seconds after `serve`
+    starts), logging at INFO every few seconds while waiting; 0 (default) sends at once.
     """
 
     def __init__(
@@ -190,11 +200,15 @@ class Flux2KleinClient:
         model: str = MODEL_NAME,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         *,
+        wait_s: float = 0.0,
         verbose: bool = False,
     ):
         _check_protocol(protocol)
         if not timeout_s or timeout_s <= 0:
             raise ValueError(f"timeout_s must be a positive number of seconds; got {timeout_s!r}")
+        if wait_s is None or wait_s < 0:
+            raise ValueError(f"wait_s must be 0 or a positive number of seconds; got {wait_s!r}")
+        self._pending_wait_s = float(wait_s)
         self.url, self.protocol, self.model, self.timeout_s = url, protocol, model, float(timeout_s)
         tc = _tc(protocol)
         try:
@@ -241,6 +255,9 @@ class Flux2KleinClient:
         references: encoded image files (PNG, JPEG, WebP) as bytes, or paths to them; at most 4.
         Raises GenerationError; a bad input gives status "INVALID_ARGUMENT" with the server's message.
         """
+        if self._pending_wait_s:
+            self.wait_until_ready(self._pending_wait_s)
+            self._pending_wait_s = 0.0
         tc = _tc(self.protocol)
         inputs = build_inputs(
             prompt, width=width, height=height, seed=seed, steps=steps, guidance=guidance,
@@ -263,6 +280,38 @@ class Flux2KleinClient:
             return bool(self._call(self._client.is_model_ready, self.model, **self._kw()))
         except GenerationError:
             return False
+
+    def _not_ready_reason(self) -> str:
+        """Why the model can't take a request now ("" when it can)."""
+        try:
+            if self._call(self._client.is_model_ready, self.model, **self._kw()):
+                return ""
+        except GenerationError as e:
+            return e.message
+        return f"Triton at {self.url} answers but {self.model} is not ready yet"
+
+    def wait_until_ready(self, timeout_s: float, on_wait: Callable[[float, str], None] | None = None, *,
+                         report_every_s: float = _READY_REPORT_S) -> None:
+        """Block until `model` is ready, at most timeout_s seconds. While waiting, every report_every_s,
+        on_wait(seconds waited, why not ready) is called (default: an INFO log line). Raises
+        GenerationError("UNAVAILABLE") with the last reason when the time is up."""
+        start = time.monotonic()
+        next_report = start + report_every_s
+        while True:
+            why = self._not_ready_reason()
+            if not why:
+                return
+            now = time.monotonic()
+            if now - start >= timeout_s:
+                raise GenerationError(UNAVAILABLE, f"not ready after waiting {timeout_s:g} s: {why}")
+            if now >= next_report:
+                next_report = now + report_every_s
+                if on_wait is not None:
+                    on_wait(now - start, why)
+                else:
+                    log.info("waiting for %s at %s (%.0f s of %g s): %s", self.model, self.url, now - start,
+                             timeout_s, why)
+            time.sleep(min(_READY_POLL_S, max(timeout_s - (now - start), 0.0)))
 
     def model_metadata(self) -> dict:
         """The model's KServe metadata: {"name", "versions", "platform", "inputs": [...], "outputs": [...]}."""

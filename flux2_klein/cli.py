@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -10,11 +11,26 @@ from .contract import PRECISIONS
 from .progress import log, setup_logging
 
 
+class _AbsentTorchvision(logging.Filter):
+    """torch.onnx's exporter registers torchvision's ONNX functions on every export and, torchvision not
+    being installed (no network here uses it), warns once per function: 16 lines per graph. Only those
+    records are dropped; every other warning of the exporter still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("torchvision is not installed")
+
+
+def quiet_absent_torchvision() -> None:
+    logging.getLogger("torch.onnx._internal.exporter._registration").addFilter(_AbsentTorchvision())
+
+
 def _tiny(args) -> int:
     from .tiny import make_full_size, make_tiny
 
     if args.config:
-        make_full_size(Path(args.out), Path(args.config), seed=args.seed)
+        from .configs import config_path
+
+        make_full_size(Path(args.out), config_path(args.config), seed=args.seed)
     else:
         make_tiny(Path(args.out), seed=args.seed, distilled=not args.base)
     return 0
@@ -45,9 +61,11 @@ def _geometry(args):
     from .checkpoint import checkpoint_from_config, load_checkpoint
 
     if getattr(args, "config", ""):
-        return checkpoint_from_config(args.config)
+        from .configs import config_path
+
+        return checkpoint_from_config(config_path(args.config))
     if not args.checkpoint:
-        raise ValueError("checkpoint: required (or --config FILE with --dry-run)")
+        raise ValueError("checkpoint: required (or --config 4b|FILE with --dry-run)")
     return load_checkpoint(args.checkpoint)
 
 
@@ -103,9 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     t.add_argument("--base", action="store_true",
                    help="an undistilled 'base' checkpoint (guidance with an empty negative prompt)")
-    t.add_argument("--config", default="",
-                   help="instead of the tiny geometry, random bf16 weights of the component configs in this "
-                        "JSON file (e.g. the real 4B one, for full-size checks on a GPU machine)")
+    t.add_argument("--config", default="", metavar="4b|FILE",
+                   help="instead of the tiny geometry, random bf16 weights of these component configs: `4b` "
+                        "(the real model's, shipped in the package) or a JSON file; for full-size checks")
     t.set_defaults(func=_tiny)
 
     e = sub.add_parser("export", help="export steps: onnx, fp8, engines")
@@ -131,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = esub.add_parser("engines", help="TensorRT engines from exported graphs, with the specs' profiles")
     g.add_argument("--checkpoint", default="", help="checkpoint in diffusers layout")
-    g.add_argument("--config", default="", help="with --dry-run: a component-config JSON instead of a checkpoint")
+    g.add_argument("--config", default="", metavar="4b|FILE",
+                   help="with --dry-run: component configs instead of a checkpoint (`4b`: the real model's)")
     g.add_argument("--onnx", required=True, help="work folder holding bf16/<network> and fp8/transformer graphs")
     g.add_argument("--out", required=True, help="repository-shaped output: <network>/1/model.plan")
     g.add_argument("--precision", choices=PRECISIONS, default="fp8")
@@ -142,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="export and assemble a ready Triton model repository")
     b.add_argument("--checkpoint", default="", help="checkpoint in diffusers layout")
-    b.add_argument("--config", default="", help="with --dry-run: a component-config JSON instead of a checkpoint")
+    b.add_argument("--config", default="", metavar="4b|FILE",
+                   help="with --dry-run: component configs instead of a checkpoint (`4b`: the real model's)")
     b.add_argument("--out", required=True, help="the model repository to write")
     b.add_argument("--runtime", choices=("onnxruntime", "torch", "tensorrt"), default="onnxruntime",
                    help="what runs the leaf networks (default onnxruntime: Python models, CPU; torch: the "
@@ -166,9 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run Triton Inference Server on a repository, in the foreground")
     s.add_argument("--repository", required=True, help="a repository written by `flux2-klein build`")
-    s.add_argument("--http-port", type=int, default=8000)
-    s.add_argument("--grpc-port", type=int, default=8001)
-    s.add_argument("--metrics-port", type=int, default=8002)
+    s.add_argument("--http-port", type=int, default=8000, metavar="N", help="Triton's HTTP/REST port (default 8000)")
+    s.add_argument("--grpc-port", type=int, default=8001, metavar="N",
+                   help="Triton's gRPC port, the one `generate` and the gateway use (default 8001)")
+    s.add_argument("--metrics-port", type=int, default=8002, metavar="N",
+                   help="Triton's Prometheus metrics port (default 8002)")
     s.set_defaults(func=_serve)
 
     from .client.generate import add_generate_parser
@@ -188,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    quiet_absent_torchvision()
     from .checkpoint import CheckpointError
     from .export.trt_build import BuildError
 

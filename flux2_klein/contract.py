@@ -8,6 +8,7 @@ can use it (the client without torch, the checkpoint reader without the specs).
 
 from __future__ import annotations
 
+import math
 import operator
 import os
 from collections.abc import Iterable
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .sizes import DEFAULT_SIZE
+from .sizes import DEFAULT_SIZE, SIZES
 
 MODEL_NAME = "flux2_klein"  # the ensemble users call
 
@@ -76,6 +77,14 @@ class Defaults:
         if is_distilled:
             return cls(num_inference_steps=DEFAULT_STEPS_DISTILLED, guidance_scale=DEFAULT_GUIDANCE_DISTILLED)
         return cls(num_inference_steps=DEFAULT_STEPS_BASE, guidance_scale=DEFAULT_GUIDANCE_BASE)
+
+
+def size_for_reference(width: int, height: int) -> tuple[int, int]:
+    """The supported (width, height) nearest in aspect ratio to a width x height image: what an edit without
+    `width` and `height` produces, from its first reference as sent (before any resize or crop). Nearness is
+    measured on log(width / height), so 2:1 and 1:2 are equally far from 1:1; a tie goes to the earlier size."""
+    target = math.log(width / height)
+    return min(SIZES, key=lambda size: abs(math.log(size[0] / size[1]) - target))
 
 
 Reference = bytes | bytearray | memoryview | str | os.PathLike

@@ -37,7 +37,8 @@ def _canonical(name: str) -> str:
 
 
 def _distribution(name: str, path: Sequence[str] | None = None) -> metadata.Distribution | None:
-    for dist in metadata.distributions(name=name, path=list(path) if path is not None else None):
+    found = metadata.distributions(name=name) if path is None else metadata.distributions(name=name, path=list(path))
+    for dist in found:
         return dist
     return None
 

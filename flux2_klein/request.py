@@ -14,9 +14,13 @@ Decisions beyond the contract's table:
   would silently produce NaN or an inverted guidance). It is validated for distilled checkpoints too,
   even though they ignore it, so that a request is valid or not independently of the checkpoint.
 * `seed` may be any INT64, negative included (`torch.Generator.manual_seed` accepts the whole range).
+* With reference images and neither `height` nor `width`, the size is the supported one nearest in aspect
+  ratio to the first reference as sent (`contract.size_for_reference`), not 1024x1024: an edit keeps its
+  shape. One of the two alone still means the other's default.
 * `prompt` given as "" is valid (it is also the base model's negative prompt); a missing prompt, or one
-  sent with an empty shape, is an error. The prompt is not length-limited: like diffusers we tokenize
-  everything and keep the first 512 tokens (chat template included).
+  sent with an empty shape, is an error. Like diffusers we keep the first 512 tokens (chat template
+  included), but a prompt over `MAX_PROMPT_CHARS` characters is refused before tokenizing: no 512 tokens
+  span that much text, and tokenizing 60 MiB took a minute and 10 GB.
 * References are decoded as the pipeline sees `PIL.Image.open(file)`: the first frame of an animated
   PNG/WebP, no EXIF orientation applied, no ICC colour management, alpha dropped (not composited) by
   `convert("RGB")`. Files over `MAX_DECODE_PIXELS` are refused before their pixels are decoded.
@@ -33,7 +37,7 @@ from typing import Mapping
 
 import numpy as np
 
-from flux2_klein.contract import DATATYPES, INPUTS, MAX_STEPS, MIN_STEPS, Defaults
+from flux2_klein.contract import DATATYPES, INPUTS, MAX_STEPS, MIN_STEPS, Defaults, size_for_reference
 from flux2_klein.sizes import (
     MAX_REFERENCES,
     PIXELS_PER_TOKEN_SIDE,
@@ -139,6 +143,16 @@ def _as_bytes(name: str, item) -> bytes:
     raise InvalidInput(name, f"expected BYTES, got an element of type {type(item).__name__}")
 
 
+# Far above what 512 tokens can cover (a token is a few characters, rarely a few dozen); the gateway's bound too.
+MAX_PROMPT_CHARS = 65536
+_MAX_PROMPT_BYTES = 4 * MAX_PROMPT_CHARS  # UTF-8: at most 4 bytes a character
+
+
+def _prompt_too_long(got: str) -> InvalidInput:
+    return InvalidInput("prompt", f"at most {MAX_PROMPT_CHARS} characters (only the first 512 tokens are used); "
+                                  f"got {got}")
+
+
 def parse_prompt(value: np.ndarray | None) -> str:
     if value is None:
         raise InvalidInput("prompt", "required (BYTES [1], UTF-8 text; may be empty)")
@@ -146,10 +160,17 @@ def parse_prompt(value: np.ndarray | None) -> str:
     try:
         if isinstance(item, str):
             item.encode("utf-8")  # a str with lone surrogates is no UTF-8 text either
-            return str(item)
-        return _as_bytes("prompt", item).decode("utf-8")
+            text = str(item)
+        else:
+            raw = _as_bytes("prompt", item)
+            if len(raw) > _MAX_PROMPT_BYTES:  # refused before decoding megabytes
+                raise _prompt_too_long(f"{len(raw)} bytes")
+            text = raw.decode("utf-8")
     except UnicodeError as e:
         raise InvalidInput("prompt", f"not valid UTF-8 (at {e.start}); send the prompt as UTF-8 text") from None
+    if len(text) > MAX_PROMPT_CHARS:
+        raise _prompt_too_long(f"{len(text)} characters")
+    return text
 
 
 def parse_request(inputs: Mapping[str, np.ndarray | None], defaults: Defaults | None = None) -> Request:
@@ -160,6 +181,8 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], defaults: Defaults | 
 
     height = _scalar(inputs, "height")
     width = _scalar(inputs, "width")
+    # Neither given: the size follows the first reference (if any), chosen once its header is read below.
+    size_from_reference = height is None and width is None
     height = defaults.height if height is None else int(height)
     width = defaults.width if width is None else int(width)
     if (width, height) not in SIZES:
@@ -182,7 +205,9 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], defaults: Defaults | 
     if not math.isfinite(guidance) or guidance < 0:
         raise InvalidInput("guidance_scale", f"must be a finite number >= 0, got {guidance}")
 
-    references = parse_references(inputs.get("reference_images"))
+    references, sizes = _parse_references(inputs.get("reference_images"))
+    if size_from_reference and sizes:
+        width, height = size_for_reference(*sizes[0])
     return Request(
         prompt=prompt, width=width, height=height, seed=seed, num_inference_steps=steps,
         guidance_scale=guidance, references=references,
@@ -190,12 +215,18 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], defaults: Defaults | 
 
 
 def parse_references(value: np.ndarray | None) -> list[np.ndarray]:
+    return _parse_references(value)[0]
+
+
+def _parse_references(value: np.ndarray | None) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+    """The preprocessed references and each one's (width, height) as sent."""
     if value is None:
-        return []
+        return [], []
     _check("reference_images", value, "BYTES", lambda shape: len(shape) == 1)
     if len(value) > MAX_REFERENCES:
         raise InvalidInput("reference_images", f"at most {MAX_REFERENCES}, got {len(value)}")
-    return [decode_reference(_as_bytes(f"reference_images[{i}]", item), i) for i, item in enumerate(value)]
+    decoded = [_decode_reference(_as_bytes(f"reference_images[{i}]", item), i) for i, item in enumerate(value)]
+    return [array for array, _ in decoded], [size for _, size in decoded]
 
 
 # ----------------------------------------------------------------------------------------- references
@@ -228,6 +259,11 @@ def decode_reference(data: bytes, index: int) -> np.ndarray:
     """Decode one reference image file and preprocess it as `Flux2KleinPipeline.__call__` does:
     check_image_input's limits, Lanczos resize to 1024*1024 area when larger, sides floored to multiples
     of 16 by a centre crop, RGB conversion. Returns uint8 [H, W, 3]."""
+    return _decode_reference(data, index)[0]
+
+
+def _decode_reference(data: bytes, index: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """decode_reference's array, and the file's own (width, height)."""
     from PIL import Image
 
     name = f"reference_images[{index}]"
@@ -236,7 +272,7 @@ def decode_reference(data: bytes, index: int) -> np.ndarray:
     image = _open_image(bytes(data), name)
 
     # Flux2ImageProcessor.check_image_input
-    width, height = image.size
+    width, height = original = image.size
     if width < REFERENCE_MIN_SIDE or height < REFERENCE_MIN_SIDE:
         raise InvalidInput(
             name, f"{width}x{height} is too small; both sides must be at least {REFERENCE_MIN_SIDE} pixels"
@@ -263,7 +299,7 @@ def decode_reference(data: bytes, index: int) -> np.ndarray:
     image = image.crop((left, top, left + crop_w, top + crop_h))
     image = image.convert("RGB")
     array = np.asarray(image, dtype=np.uint8)
-    return np.ascontiguousarray(array)
+    return np.ascontiguousarray(array), original
 
 
 # ------------------------------------------------------------------------------------------ tokenizer

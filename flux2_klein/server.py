@@ -8,6 +8,7 @@ put beside it: that is assembled once in a cache folder, never inside site-packa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -22,6 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .contract import MODEL_NAME
+from .progress import log
+from .watchdog import (
+    RestartBudget, StubWatch, clean_stale_shm, drain, kill_group, new_admin_key, restriction_args, stub_pids,
+)
 
 # Shared memory between Triton and each Python model (one region per instance, in /dev/shm, which
 # counts as memory): tensors here are megabytes (a 1 MP image, a prompt embedding of 512 x 7680
@@ -80,13 +85,22 @@ def find_tritonserver() -> TritonInstall:
 
 
 def server_command(install: TritonInstall, repository: Path, http_port: int, grpc_port: int,
-                   metrics_port: int, extra: tuple[str, ...] = ()) -> list[str]:
+                   metrics_port: int, extra: tuple[str, ...] = (), *, address: str = "127.0.0.1",
+                   metrics_address: str | None = None, admin_key: str | None = None) -> list[str]:
+    """tritonserver's command line. `address`: the interface HTTP and gRPC bind (loopback unless widened:
+    Triton's own API has requests that abort the server); `metrics_address` (default `address`) for
+    Prometheus; `admin_key`: the key of the restricted APIs (watchdog.RESTRICTED_APIS; None: a new one)."""
     cmd = [
         str(install.binary), f"--model-repository={repository}",
         f"--http-port={http_port}", f"--grpc-port={grpc_port}", f"--metrics-port={metrics_port}",
+        f"--http-address={address}", f"--grpc-address={address}", f"--metrics-address={metrics_address or address}",
         f"--cache-config=local,size={RESPONSE_CACHE_BYTES}",
         f"--backend-config=python,shm-default-byte-size={SHM_BYTES}",
         f"--backend-config=python,shm-growth-byte-size={SHM_BYTES}",
+        # Explicit model control, every model loaded at start: what lets a stop unload the entry model first
+        # (watchdog.drain) so that requests in flight finish before Triton stops.
+        "--model-control-mode=explicit", "--load-model=*",
+        *restriction_args(admin_key or new_admin_key()),
         "--exit-on-error=true", "--strict-readiness=true", "--log-info=true",
     ]
     if install.backend_dir is not None:
@@ -145,14 +159,16 @@ class TritonProcess:
     the tritonserver install's own variables go on top, then `path` entries first on PATH (the Python
     models' interpreter is the first python on it) and `library_path` entries first on LD_LIBRARY_PATH.
     `log_path`: stdout and stderr go there (None: inherited). `new_session`: a process group of its
-    own, so a terminal's Ctrl-C does not reach it directly.
+    own, so a terminal's Ctrl-C does not reach it directly. `address`, `metrics_address`: as in
+    server_command; `admin_key` (default: a new random one) opens the restricted APIs to us alone.
     """
 
     def __init__(self, repository: str | Path, *, http_port: int | None = None, grpc_port: int | None = None,
                  metrics_port: int | None = None, extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None,
                  path: Sequence[str | Path] = (), library_path: Sequence[str | Path] = (),
                  log_path: str | Path | None = None, cwd: str | Path | None = None,
-                 install: TritonInstall | None = None, new_session: bool = False):
+                 install: TritonInstall | None = None, new_session: bool = False, address: str = "127.0.0.1",
+                 metrics_address: str | None = None, admin_key: str | None = None):
         self.repository = Path(repository).resolve()
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
@@ -163,6 +179,8 @@ class TritonProcess:
         self.log_path = Path(log_path) if log_path is not None else None
         self.cwd, self.new_session = cwd, new_session
         self._install = install
+        self.address, self.metrics_address = address, metrics_address
+        self.admin_key = admin_key or new_admin_key()
         self.process: subprocess.Popen | None = None
         self._log = None
 
@@ -176,7 +194,8 @@ class TritonProcess:
 
     def command(self) -> list[str]:
         return server_command(self.install, self.repository, self.http_port, self.grpc_port, self.metrics_port,
-                              self.extra_args)
+                              self.extra_args, address=self.address, metrics_address=self.metrics_address,
+                              admin_key=self.admin_key)
 
     def environment(self) -> dict[str, str]:
         env = {**self.base_env, **self.install.env}
@@ -225,14 +244,19 @@ class TritonProcess:
                              exited=exited, log_tail=tail)
 
     def stop(self, timeout_s: float = 60) -> int | None:
-        """SIGTERM (Triton finishes the requests in flight), SIGKILL after `timeout_s`; the exit status."""
+        """SIGTERM (Triton finishes the requests in flight), SIGKILL after `timeout_s`; the exit status.
+        Its Python-backend stubs die with it: a stub outliving its server holds memory and /dev/shm."""
         if self.process is not None and self.process.poll() is None:
+            stubs = stub_pids(self.process.pid)
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+            for pid in stubs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -266,31 +290,92 @@ class TritonProcess:
         self.stop()
 
 
+def _ready_line(server: TritonProcess, seconds: float) -> str:
+    models = sorted(p.parent.name for p in server.repository.glob("*/config.pbtxt"))
+    line = (f"flux2-klein serve: ready in {seconds:.1f} s; HTTP {server.address}:{server.http_port}, gRPC "
+            f"{server.address}:{server.grpc_port}, metrics {server.metrics_address or server.address}:"
+            f"{server.metrics_port}; models: {', '.join(models)}")
+    from .target import gpu_facts
+
+    if gpu_facts()[0] == "cpu":
+        line += " (no GPU here: the CUDA and NVML errors above are expected on a CPU-only machine)"
+    return line
+
+
+def _stop_gracefully(server: TritonProcess, watch: StubWatch | None, grace_s: float) -> None:
+    """Refuse new requests, let those in flight finish (within `grace_s`), then stop Triton and its stubs."""
+    deadline = time.monotonic() + grace_s
+    healthy = watch is not None and watch.problem() is None
+    if healthy and drain(server.http_port, server.admin_key, MODEL_NAME, deadline):
+        log.info("requests in flight finished; stopping tritonserver")
+    # A dead stub makes Triton wait its whole exit timeout for an answer that never comes: no point asking.
+    wait_s = max(5.0, deadline - time.monotonic()) if healthy else 2.0
+    with contextlib.suppress(ProcessLookupError):
+        server.process.send_signal(signal.SIGTERM)
+    try:
+        server.process.wait(timeout=wait_s)
+    except subprocess.TimeoutExpired:
+        log.warning("tritonserver did not stop within %.0f s: killing it", wait_s)
+    kill_group(server.process.pid)
+    server.stop()
+
+
 def serve(repository: str | Path, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
-          extra: tuple[str, ...] = ()) -> int:
-    """Run tritonserver in the foreground until it exits or we are told to stop; its exit status is ours."""
+          extra: tuple[str, ...] = (), *, address: str = "127.0.0.1", grace_s: float = 30.0,
+          budget: RestartBudget | None = None, poll_s: float = 0.5) -> int:
+    """Run tritonserver in the foreground, supervised, until we are told to stop (0) or it cannot run.
+
+    Once ready, a tritonserver that dies, or one of whose Python stubs dies, is killed with its stubs and
+    started again (at most `budget`'s restarts, default 5 in 10 minutes; then status 1). One that exits
+    before it is ready gives its own exit status. SIGTERM/SIGINT: new requests are refused, those in flight
+    get up to `grace_s` seconds to finish, then Triton stops.
+    """
     repository = Path(repository).resolve()
     if not (repository / MODEL_NAME / "config.pbtxt").is_file():
         raise FileNotFoundError(f"repository: {repository} has no {MODEL_NAME}/config.pbtxt; "
                                 "run `flux2-klein build` first")
-    server = TritonProcess(repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                           extra_args=extra).start()
-
-    def stop(signum, _frame):
-        # Triton finishes the requests in flight on SIGTERM, then exits.
-        server.process.send_signal(signal.SIGTERM)
-
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    budget = budget or RestartBudget()
+    stop_signal: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _f: stop_signal.append(signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}
+    server = None
     try:
+        clean_stale_shm()  # those of servers killed before we started
         while True:
-            try:
-                code = server.process.wait(timeout=1)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+            # A session of its own: its stubs share its process group, so one killpg takes them all.
+            server = TritonProcess(repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                                   extra_args=extra, address=address, new_session=True).start()
+            started, watch, problem = time.monotonic(), None, None
+            while problem is None:
+                if stop_signal:
+                    log.info("%s received: stopping", signal.Signals(stop_signal[0]).name)
+                    _stop_gracefully(server, watch, grace_s)
+                    return 0
+                code = server.process.poll()
+                if code is not None:
+                    if watch is None:
+                        return code
+                    problem = f"tritonserver exited with status {code}"
+                elif watch is None:
+                    if answers_200(server.ready_url, timeout_s=1.0):
+                        watch = StubWatch(server.process.pid)
+                        watch.arm()
+                        print(_ready_line(server, time.monotonic() - started), file=sys.stderr, flush=True)
+                else:
+                    problem = watch.problem()
+                if problem is None:
+                    time.sleep(poll_s)
+            kill_group(server.process.pid)
+            server.stop(timeout_s=10)
+            clean_stale_shm(min_age_s=1.0)  # the group just killed mapped its regions; nobody does now
+            if not budget.allow():
+                log.error("%s; %d restarts within %.0f s already: giving up", problem, budget.limit, budget.window_s)
+                return 1
+            log.warning("%s; restarting tritonserver (restart %d, at most %d in %.0f s)", problem,
+                        len(budget.times), budget.limit, budget.window_s)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        if server.process.poll() is None:
-            server.process.kill()
-    return code
+        if server is not None and server.process.poll() is None:
+            kill_group(server.process.pid)
+            server.process.wait()

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import RunningServer
+from conftest import ServeCommand
 from flux2_klein.checkpoint import load_checkpoint
 from flux2_klein.export.fp8 import KEEP_HIGH_PRECISION, load_prompts
 from flux2_klein.specs import example_inputs, network_specs
@@ -27,7 +27,13 @@ VELOCITY_CASES = {  # id: (size, references, minimum PSNR in dB)
     "t2i-1024x1024": ((1024, 1024), (), 30.94 - 0.5),
     "edit-672x1568": ((672, 1568), ((768, 512),), 29.76 - 0.5),
 }
-MIN_IMAGE_PSNR_DB = 20.0
+# End to end, FP8 server against the float server, per request: measured 26.7 and 27.7 dB; minimum 1 dB
+# below each (the error passes through four steps and the VAE, so it gets a wider margin than the velocity;
+# a halved scale is proven caught at the velocity, where it costs as much).
+IMAGE_CASES = [  # prompt, (width, height), seed, minimum PSNR in dB
+    ("fp8 end to end", (1024, 1024), 3, 26.7 - 1.0),
+    ("another", (1248, 832), 9, 27.7 - 1.0),
+]
 
 
 def psnr(a: np.ndarray, b: np.ndarray, peak: float) -> float:
@@ -127,16 +133,17 @@ def test_fp8_end_to_end_through_triton(fp8_dir, onnx_dir, tiny_ckpt, triton_serv
         shutil.copytree(onnx_dir / name, mixed / name)
     shutil.copytree(fp8_dir / "transformer", mixed / "transformer")
     repo = build_repository(tiny_ckpt, tmp_path / "repo", onnx_dir=mixed)
-    server = RunningServer.start(repo, tmp_path)
+    server = ServeCommand.started(repo, tmp_path)
     try:
         values = []
-        for prompt, (w, h), seed in [("fp8 end to end", (1024, 1024), 3), ("another", (1248, 832), 9)]:
+        for prompt, (w, h), seed, _ in IMAGE_CASES:
             with Flux2KleinClient(server.grpc_url) as fp8c, Flux2KleinClient(triton_server.grpc_url) as floatc:
                 got = fp8c.generate(prompt, width=w, height=h, seed=seed)
                 want = floatc.generate(prompt, width=w, height=h, seed=seed)
             values.append(psnr(got, want, 255.0))
         print("FP8 vs float image PSNR (dB):", [round(v, 1) for v in values])
-        assert min(values) >= MIN_IMAGE_PSNR_DB
+        for value, (prompt, *_, minimum) in zip(values, IMAGE_CASES):
+            assert value >= minimum, f"{prompt!r}: {value:.2f} dB < {minimum:.2f} dB"
     finally:
         server.stop()
 

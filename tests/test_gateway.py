@@ -147,7 +147,7 @@ def b64(data: bytes) -> str:
 def gateway(triton_server):
     """The gateway most tests share: no API key, and one request in flight at a time, so that the 429 test
     needs only one slow request."""
-    gw = InProcessGateway(triton_url=triton_server.grpc_url, max_concurrency=1, timeout_s=300)
+    gw = InProcessGateway(triton_url=triton_server.grpc_url, max_concurrency=1, max_queue=0, timeout_s=300)
     yield gw
     gw.stop()
 
@@ -206,6 +206,23 @@ def test_text_to_image_equals_the_client_and_429_while_full(gateway, triton_serv
     assert metric(after, "flux2_klein_gateway_max_concurrency") == 1
 
 
+def test_samples_use_seed_plus_i_and_seed_0_is_random(gateway, triton_server):
+    """NIM's seed 0 means random: the seeds used come back, image i with seed + i, each exactly the single
+    request with its seed."""
+    answer = gateway.infer({"prompt": "two foxes", "seed": 0, "samples": 2, "steps": 1})
+    assert answer.status == 200, answer
+    artifacts = answer.json()["artifacts"]
+    assert len(artifacts) == 2 and all(a["finishReason"] == "SUCCESS" for a in artifacts)
+    first = artifacts[0]["seed"]
+    assert 0 < first < 2**32 and artifacts[1]["seed"] == first + 1
+    with Flux2KleinClient(triton_server.grpc_url) as client:
+        for artifact in artifacts:
+            got = np.asarray(Image.open(io.BytesIO(base64.b64decode(artifact["base64"]))))
+            assert np.array_equal(got, client.generate("two foxes", seed=artifact["seed"], steps=1))
+    again = gateway.infer({"prompt": "two foxes", "steps": 1, "mode": "base", "disable_safety_checker": True})
+    assert again.status == 200 and again.json()["artifacts"][0]["seed"] not in (0, first), again
+
+
 def test_editing_with_a_base64_and_a_data_url_image_as_jpeg(gateway, triton_server):
     """Two references, one plain base64 (a JPEG), one data URL (a PNG); JPEG out. The JPEG is byte for byte what
     Pillow makes of the client's image at the documented quality (95), so the pixels under it are the same."""
@@ -242,7 +259,12 @@ BAD = [  # body -> status, what the detail must contain
     ({"prompt": "x", "cfg_scale": -1}, 422, ["cfg_scale:", "greater than or equal to 0"]),
     ({"prompt": "x", "cfg_scale": "high"}, 422, ["cfg_scale:", "number"]),
     ({"prompt": "x", "sede": 1}, 422, ["sede: unknown field", "allowed fields", "seed"]),
-    ({"prompt": "x", "samples": 2}, 422, ["samples:"]),
+    ({"prompt": "x", "samples": 5}, 422, ["samples:", "less than or equal to 4"]),
+    ({"prompt": "x", "samples": 0}, 422, ["samples:", "greater than or equal to 1"]),
+    ({"prompt": "x", "seed": -1}, 422, ["seed:", "greater than or equal to 0"]),
+    ({"prompt": "x", "seed": 2**63 - 2, "samples": 3}, 422, ["seed: with samples=3", "9223372036854775805"]),
+    ({"prompt": "x", "mode": "canny"}, 422, ["mode:", "'base'"]),
+    ({"prompt": "x", "disable_safety_checker": "yes"}, 422, ["disable_safety_checker:", "boolean"]),
     ({"prompt": "x", "output_format": "gif"}, 422, ["output_format:", "'png'"]),
     ({"prompt": "x", "width": 1000, "height": 1000}, 422, ["width/height: 1000x1000", "1024x1024"]),
     ({"prompt": "x", "width": 672}, 422, ["width/height: 672x1024", "672x1568"]),
@@ -341,10 +363,26 @@ def test_openapi_describes_the_api(gateway):
         assert path in spec["paths"], path
     schema = spec["paths"]["/v1/infer"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert schema["required"] == ["prompt"] and schema["additionalProperties"] is False
-    assert {"prompt", "width", "height", "seed", "steps", "cfg_scale", "image", "output_format"} <= set(schema["properties"])
+    assert {"prompt", "mode", "width", "height", "seed", "steps", "cfg_scale", "image", "samples",
+            "disable_safety_checker", "output_format"} <= set(schema["properties"])
     assert {"200", "400", "401", "413", "422", "429", "503", "504"} <= set(spec["paths"]["/v1/infer"]["post"]["responses"])
-    docs = gateway.request("GET", "/docs")
-    assert docs.status == 200 and b"swagger" in docs.body.lower()
+    for path in ("/v1/images/generations", "/v1/images/edits"):
+        assert path in spec["paths"], path
+
+
+def test_docs_page_needs_no_cdn_and_no_key(make_gateway, triton_server):
+    """/docs and every file it loads come from the gateway (the swagger-ui-bundle-v2 package), and load without
+    the API key: a browser can't add it to the page's own requests."""
+    gw = make_gateway(triton_url=triton_server.grpc_url, api_key="k")
+    docs = gw.request("GET", "/docs")
+    assert docs.status == 200 and b"SwaggerUIBundle" in docs.body
+    urls = re.findall(rb'(?:src|href)="([^"]+)"', docs.body)
+    assert urls and all(url.startswith(b"/") for url in urls), urls  # nothing from another host
+    for url in urls:
+        asset = gw.request("GET", url.decode())
+        assert asset.status == 200 and len(asset.body) > 1000, (url, asset)
+    assert b"SwaggerUIBundle" in gw.request("GET", "/docs?asset=swagger-ui-bundle.js").body
+    assert gw.request("GET", "/docs?asset=../../etc/passwd").status == 404
 
 
 def test_ready_needs_triton_and_the_model(make_gateway, triton_server):

@@ -42,11 +42,12 @@ def oracle(pipe, prompt, *, width=1024, height=1024, seed=0, steps=4, guidance=1
 
 
 # Beside the contract's largest difference: how much of the picture may differ at all. Measured on the
-# tiny checkpoint end to end (ONNX Runtime leaves against diffusers, fp32 CPU) over the cases below:
-# mean up to MEAN_MEASURED, share of differing values up to SHARE_MEASURED; the bounds allow 3x that,
-# while a post-processing rounding change or a dropped batch-norm eps moves 10-50% of all values.
-MEAN_MEASURED, SHARE_MEASURED = 0.0023, 0.0023
-MAX_MEAN_DIFF, MAX_DIFFERING_SHARE = 3 * MEAN_MEASURED, 3 * SHARE_MEASURED
+# tiny checkpoint end to end over the 18 comparisons of this file and test_torch_runtime.py (fp32, CPU):
+# largest difference 1 everywhere, 0.167-0.233% of values differing by it (so the mean is the same number),
+# 0.014% for the torch runtime. The bounds allow 3x the largest share, while a post-processing rounding
+# change moves about 47% of all values and a dropped batch-norm eps 14% (see tiny.py).
+MEASURED_SHARE = 0.0024
+MAX_MEAN_DIFF = MAX_DIFFERING_SHARE = 3 * MEASURED_SHARE
 
 
 def assert_equal_images(got: np.ndarray, want: np.ndarray, *, max_diff: int = TOLERANCE,

@@ -61,8 +61,9 @@ def test_leaves_are_python_models_that_load_the_checkpoint_where_it_lies(torch_r
     for name in LEAVES:
         config = (torch_repo / name / "config.pbtxt").read_text()
         assert 'backend: "python"' in config and "kind: KIND_CPU" in config
-        assert _params(config) == {"checkpoint": str(Path(tiny_ckpt).resolve()), "dtype": "fp32",
-                                   "torch_compile": "", "intra_op_threads": "1"}
+        assert _params(config) == {"checkpoint": str(Path(tiny_ckpt).resolve()), "dtype": "fp32", "fp8": "false",
+                                   "torch_compile": "", "warm_sizes": "", "max_dit_rows": "8",
+                                   "intra_op_threads": "1"}
         # The ONNX Runtime leaf's tensors exactly: the same model, another runtime.
         assert _tensors(config) == _tensors((triton_repo / name / "config.pbtxt").read_text())
         assert sorted(p.name for p in (torch_repo / name / "1").iterdir()) == ["model.py"]  # no weights
@@ -117,49 +118,45 @@ def test_image_equals_the_onnx_runtime_servers(torch_server, triton_server):
 
 
 def test_gpu_bench_driver_runs_end_to_end_on_a_cpu(torch_server, tiny_ckpt, tmp_path):
-    """The real driver, both phases in their own processes, against the running torch-runtime server."""
+    """The real driver, each phase in its own process, against the running torch-runtime server."""
     out = tmp_path / "report"
     r = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "gpu_bench.py"), "all", "--checkpoint", str(tiny_ckpt),
          "--device", "cpu", "--work", str(tmp_path / "work"), "--url", torch_server.http_url, "--requests", "1",
-         "--concurrency", "2", "--concurrent-requests", "2", "--warmup", "0", "--report-dir", str(out)],
-        capture_output=True, text=True, timeout=600,
+         "--concurrency", "1,2", "--rounds", "1", "--warmup", "0", "--diffusers-compile", "",
+         "--report-dir", str(out)],
+        capture_output=True, text=True, timeout=900,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "Triton/diffusers" in r.stdout and "images/s, 2 at a time" in r.stdout
+    assert "| images/s at 2 |" in r.stdout and "Serving overhead:" in r.stdout
     report = json.loads((out / "report.json").read_text())
-    assert report["machine"]["device"].startswith("CPU") and report["dtype"] == "fp32"
-    assert report["diffusers"]["latency_s"]["n"] == 1 and report["triton"]["throughput"]["images"] == 2
-    assert report["diffusers"]["throughput"]["how"] == "batch of 2 prompts per call"
-    assert set(report["ratios"]) == {"latency_triton_over_diffusers", "images_per_s_triton_over_diffusers"}
+    assert report["machine"]["device"].startswith("CPU") and "diffusers-compiled" not in report
+    d, t = report["diffusers"], report["triton"]
+    assert d["latency_s"]["n"] == 1 and [lv["images"] for lv in t["levels"]] == [1, 2]
+    assert d["levels"][1]["how"] == "a batch of 2 prompts per call" and d["fp8"]["skipped"]
+    assert set(report["ratios"]) == {"latency_vs_eager", "overhead_ms"}
+    # Triton's own statistics: four DiT calls per 4-step request, and the overhead is what they leave.
+    assert t["models_c1"]["transformer"]["calls_per_request"] == 4
+    o = t["overhead_c1"]
+    assert o["overhead_ms"] == pytest.approx(o["e2e_ms"] - o["leaf_compute_ms"]) and o["leaf_compute_ms"] > 0
     # Same checkpoint, prompt and seed, float32 on both sides: the first images agree as the contract says.
-    assert report["first_image_difference"]["max"] <= 2
-    assert {"report.txt", "diffusers_image0.png", "triton_image0.png"} <= {p.name for p in out.iterdir()}
+    assert report["first_image_difference"]["diffusers vs triton"]["max"] <= 2
+    assert {"report.md", "diffusers_image0.png", "triton_image0.png"} <= {p.name for p in out.iterdir()}
 
 
 def test_gpu_bench_arguments():
     bench = _bench("gpu_bench")
-    args = bench.parse_args(["all", "--tiny", "--work", "w", "--device", "cpu", "--size", "672x1568"])
-    assert args.checkpoint == Path("w") / "tiny" and args.size == (672, 1568) and args.compile == ""
+    args = bench.parse_args(["all", "--tiny", "--work", "w", "--device", "cpu", "--size", "672x1568",
+                             "--concurrency", "4,1,2"])
+    assert args.checkpoint == Path("w") / "tiny" and args.size == (672, 1568) and args.concurrency == [1, 2, 4]
+    assert (args.precision, args.compile) == ("bf16", "default")  # a CPU rehearsal never asks for FP8
+    args = bench.parse_args(["all", "--checkpoint", "c", "--work", "w"])
+    assert (args.precision, args.concurrency, args.diffusers_compile) == ("fp8", [1, 2, 4, 8], "default")
     for argv in (["all", "--work", "w"], ["all", "--tiny", "--work", "w", "--concurrency", "0"],
-                 ["all", "--tiny", "--work", "w", "--size", "1024"], ["serve", "--tiny", "--work", "w"]):
+                 ["all", "--tiny", "--work", "w", "--size", "1024"], ["serve", "--tiny", "--work", "w"],
+                 ["all", "--tiny", "--work", "w", "--rounds", "0"]):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
-
-
-def test_gpu_bench_stub_environment_puts_its_folders_first_and_hides_scipy(tmp_path):
-    """Triton's stub runs Python isolated (-I: no PYTHONPATH) in the environment of the python3 on PATH."""
-    bench = _bench("gpu_bench")
-    first = tmp_path / "first"
-    (first / "numpy").mkdir(parents=True)
-    (first / "numpy" / "__init__.py").write_text("__version__ = 'first'\n")
-    python = bench.make_stub_env(tmp_path / "env", [first])
-    probe = ("import sys, numpy, flux2_klein.model_repository\n"
-             "try:\n    import scipy\nexcept ImportError:\n    scipy = None\n"
-             "print(sys.prefix, numpy.__version__, scipy)")
-    r = subprocess.run([str(python), "-I", "-c", probe], capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == [str(tmp_path / "env"), "first", "None"]
 
 
 def test_carried_pytriton_wheel_keeps_only_this_pythons_stub(tmp_path):
@@ -182,13 +179,36 @@ def test_carried_pytriton_wheel_keeps_only_this_pythons_stub(tmp_path):
     assert [line.split(",")[0] for line in record.splitlines()] == kept
 
 
-def test_gpu_script_is_valid_bash_and_installs_what_carry_wheels_brings():
-    script = (ROOT / "bench" / "gpu_h100.sh").read_text()
-    assert subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_h100.sh")]).returncode == 0
+def test_carried_torchao_and_numpy_wheels_lose_only_what_the_gpu_run_does_not_need(tmp_path):
     carry = _bench("carry_wheels")
-    assert {w.split("==")[0] for w in carry.WHEELS} == {"nvidia-pytriton", "diffusers", "numpy"}
+    for name, files, slim, kept in [
+        ("torchao-0.18.0-cp310-abi3-manylinux_2_28_x86_64.whl",
+         ["torchao/__init__.py", "torchao/_C_cutlass_90a.abi3.so", "torchao/float8/inference.py"],
+         carry.slim_torchao, [0, 2]),
+        ("numpy-1.26.4-cp312-cp312-manylinux_2_17_x86_64.whl",
+         ["numpy/__init__.py", "numpy/core/tests/test_api.py", "numpy/core/_multiarray_umath.so"],
+         carry.slim_numpy, [0, 2]),
+    ]:
+        wheel = tmp_path / name
+        with zipfile.ZipFile(wheel, "w") as z:
+            for f in files:
+                z.writestr(f, f)
+        slim(wheel)
+        with zipfile.ZipFile(wheel) as z:
+            assert [f for f in files if f in z.namelist()] == [files[i] for i in kept]
+
+
+def test_gpu_script_is_valid_bash_and_installs_what_carry_wheels_brings():
+    script = (ROOT / "bench" / "gpu_hopper.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_hopper.sh")]).returncode == 0
+    carry = _bench("carry_wheels")
+    assert {w.split("==")[0] for w in carry.WHEELS} == {"nvidia-pytriton", "diffusers", "numpy", "torchao",
+                                                      "pytest", "pluggy", "iniconfig"}
     assert "numpy==1.26.4" in carry.WHEELS and "numpy-1.*.whl" in script and "--stub-site" in script
     assert "--device \"$DEVICE\"" in script and "DEVICE=${DEVICE:-gpu}" in script
+    # The GPU suite runs first, and its Triton models get the same numpy 1.x folder.
+    assert script.index("-m gpu") < script.index("gpu_bench.py\" all")
+    assert "FLUX2_KLEIN_STUB_SITE=$STUB_NUMPY" in script
 
 
 def test_gpu_bench_check_finds_tritonserver_without_pytritons_client_stack(tmp_path):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import logging
-import secrets
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from fastapi import FastAPI, Request
@@ -21,11 +23,11 @@ from flux2_klein.sizes import MAX_REFERENCES
 
 from ..triton_client import INVALID_ARGUMENT, build_inputs, to_generation_error
 from .body import (
-    RANDOM_SEED_BOUND, ApiError, InferRequest, api_message, check_size, decode_image, encode_image, parse_body,
-    validation_detail,
+    ApiError, Generation, InferRequest, api_message, check_size, encode_image, parse_body, validation_detail,
 )
 from .guard import LimitsMiddleware
 from .metrics import Metrics
+from .openai_api import OpenAIErrors, add_openai_routes
 from .settings import ENV, GatewaySettings
 
 log = logging.getLogger("flux2_klein.gateway")
@@ -41,6 +43,17 @@ class Artifact(BaseModel):
 
 class InferResponse(BaseModel):
     artifacts: list[Artifact]
+
+
+@dataclass
+class Image:
+    """One generated image, encoded."""
+
+    seed: int
+    data: bytes
+    width: int
+    height: int
+    finish_reason: str = "SUCCESS"
 
 
 class ErrorBody(BaseModel):
@@ -116,35 +129,29 @@ class Gateway:
             return False, to_generation_error(e, self.settings.triton_url, "grpc", READY_TIMEOUT_S).message
         return True, f"{where} and model {self.settings.model} are ready"
 
-    # -- /v1/infer ----------------------------------------------------------------------------------------------
+    # -- image generation, for every API ------------------------------------------------------------------------
 
-    async def infer(self, request: InferRequest, request_id: str) -> dict:
-        """A validated InferRequest -> the answer's JSON; ApiError for every failure."""
-        import tritonclient.grpc as grpcclient
+    async def generate(self, gen: Generation, request_id: str) -> list[Image]:
+        """A Generation -> its images, in seed order; ApiError for every failure.
+
+        Several samples go to Triton as concurrent requests, one per seed, not one after another: the sampler is
+        a dynamically batched model, so requests of one shape that arrive together share one denoising loop,
+        and each image is exactly the single request with its seed."""
         from tritonclient.utils import InferenceServerException
 
         s = self.settings
-        check_size(request.width, request.height)
-        references = [decode_image(text, i) for i, text in enumerate(request.image or [])]
-        seed = request.seed if request.seed is not None else secrets.randbelow(RANDOM_SEED_BOUND)
-        inputs = build_inputs(
-            request.prompt, width=request.width, height=request.height, seed=seed, steps=request.steps,
-            guidance=request.cfg_scale, references=references, protocol="grpc",
-        )
+        check_size(gen.width, gen.height)
         deadline = time.monotonic() + s.timeout_s
         timeout_detail = f"no image within {s.timeout_s:g} s (the gateway's --timeout / {ENV['timeout_s']})"
         try:
             async with asyncio.timeout(s.timeout_s):
-                result = await self.client.infer(
-                    s.model, inputs, outputs=[grpcclient.InferRequestedOutput(OUTPUT.name)], request_id=request_id,
-                    client_timeout=max(deadline - time.monotonic(), 0.001),
-                )
-                image = result.as_numpy(OUTPUT.name)
-                if image is None or image.dtype.name != "uint8" or image.ndim != 3 or image.shape[2] != 3:
-                    got = "nothing" if image is None else f"{image.dtype} {list(image.shape)}"
-                    log.error("request %s: %s answered %s for 'image'", request_id, s.model, got)
-                    raise ApiError(502, f"the inference server answered an unusable image (request {request_id})")
-                encoded = await asyncio.to_thread(encode_image, image, request.output_format)
+                try:
+                    async with asyncio.TaskGroup() as group:
+                        tasks = [group.create_task(self._one(gen, seed, request_id, i, deadline))
+                                 for i, seed in enumerate(gen.seeds)]
+                except BaseExceptionGroup as failed:  # the first failure speaks for the request
+                    raise failed.exceptions[0] from None
+                return [task.result() for task in tasks]
         except TimeoutError:
             raise ApiError(504, timeout_detail) from None
         except InferenceServerException as e:
@@ -161,8 +168,27 @@ class Gateway:
                 raise ApiError(503, detail, retry) from None
             raise ApiError(502, f"the inference server failed this request ({error.status}, request "
                                 f"{request_id}); the gateway's log has its message") from None
-        return {"artifacts": [{"base64": base64.b64encode(encoded).decode("ascii"), "finishReason": "SUCCESS",
-                               "seed": seed}]}
+
+    async def _one(self, gen: Generation, seed: int, request_id: str, index: int, deadline: float) -> Image:
+        import tritonclient.grpc as grpcclient
+
+        s = self.settings
+        inputs = build_inputs(
+            gen.prompt, width=gen.width, height=gen.height, seed=seed, steps=gen.steps, guidance=gen.guidance,
+            references=gen.references, protocol="grpc",
+        )
+        triton_id = request_id if gen.samples == 1 else f"{request_id}.{index}"
+        result = await self.client.infer(
+            s.model, inputs, outputs=[grpcclient.InferRequestedOutput(OUTPUT.name)], request_id=triton_id,
+            client_timeout=max(deadline - time.monotonic(), 0.001),
+        )
+        image = result.as_numpy(OUTPUT.name)
+        if image is None or image.dtype.name != "uint8" or image.ndim != 3 or image.shape[2] != 3:
+            got = "nothing" if image is None else f"{image.dtype} {list(image.shape)}"
+            log.error("request %s: %s answered %s for 'image'", triton_id, s.model, got)
+            raise ApiError(502, f"the inference server answered an unusable image (request {request_id})")
+        encoded = await asyncio.to_thread(encode_image, image, gen.output_format, gen.output_quality)
+        return Image(seed=seed, data=encoded, width=image.shape[1], height=image.shape[0])
 
 
 def error_response(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -183,10 +209,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     app = FastAPI(
         title="FLUX.2 [klein] gateway",
-        description=f"A NIM-style HTTP API for the Triton model {settings.model}: text-to-image and editing with "
-                    f"up to {MAX_REFERENCES} reference images.",
+        description=f"NVIDIA NIM's and OpenAI's image APIs for the Triton model {settings.model}: text-to-image "
+                    f"and editing with up to {MAX_REFERENCES} reference images.",
         version="1",
         lifespan=lifespan,
+        docs_url=None,  # add_docs_route serves it, with Swagger UI's files from a package
         redoc_url=None,
     )
     app.state.gateway = gateway
@@ -212,7 +239,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     request_schema = InferRequest.model_json_schema()
 
     @app.post(
-        "/v1/infer", response_model=InferResponse, responses=ERRORS, summary="Generate or edit one image",
+        "/v1/infer", response_model=InferResponse, responses=ERRORS,
+        summary="Generate or edit images (NVIDIA NIM's API)",
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": request_schema}}}},
     )
     async def infer(request: Request):
@@ -220,8 +248,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         # names its field in this API's terms.
         request_id = request.scope["state"]["request_id"]
         body = parse_body(await request.body())
-        answer = await gateway.infer(body, request_id)
-        return JSONResponse(answer)
+        images = await gateway.generate(body.generation(), request_id)
+        return JSONResponse({"artifacts": [
+            {"base64": base64.b64encode(image.data).decode("ascii"), "finishReason": image.finish_reason,
+             "seed": image.seed} for image in images]})
 
     @app.get("/v1/health/live", summary="Whether the gateway's process is up")
     async def live():
@@ -247,5 +277,38 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         body, content_type = gateway.metrics.render()
         return Response(body, media_type=content_type)
 
+    add_openai_routes(app, gateway)
+    add_docs_route(app)
     app.add_middleware(LimitsMiddleware, gateway=gateway)
+    app.add_middleware(OpenAIErrors)  # outermost, so that the guard's answers on /v1/images/* are shaped too
     return app
+
+
+# Swagger UI's files, served from the swagger-ui-bundle-v2 package (no CDN: an offline cluster gets a working
+# page). They are served as /docs?asset=NAME: /docs is the one docs path the API key leaves open, and a
+# browser can't add the key to the page's own script and style requests.
+DOCS_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css",
+               "favicon-32x32.png": "image/png"}
+
+
+def add_docs_route(app: FastAPI) -> None:
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(asset: str | None = None):
+        if asset is None:
+            return get_swagger_ui_html(
+                openapi_url=app.openapi_url, title=f"{app.title} - Swagger UI",
+                swagger_js_url="/docs?asset=swagger-ui-bundle.js", swagger_css_url="/docs?asset=swagger-ui.css",
+                swagger_favicon_url="/docs?asset=favicon-32x32.png")
+        if asset not in DOCS_ASSETS:
+            raise ApiError(404, f"asset: no such file {asset!r}; the docs page has {', '.join(DOCS_ASSETS)}")
+        return Response(_docs_asset(asset), media_type=DOCS_ASSETS[asset],
+                        headers={"Cache-Control": "public, max-age=86400"})
+
+
+@functools.cache
+def _docs_asset(name: str) -> bytes:
+    from swagger_ui_bundle import swagger_ui_path
+
+    return (Path(swagger_ui_path) / name).read_bytes()

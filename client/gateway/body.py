@@ -1,5 +1,5 @@
-"""The body of POST /v1/infer: the strict request model, JSON parsing with messages that name the field,
-base64 images, and the answer's image encoding."""
+"""The body of POST /v1/infer (NVIDIA NIM's request, docs/CONTRACT.md section 4): the strict request model,
+JSON parsing with messages that name the field, base64 images, and the answer's image encoding."""
 
 from __future__ import annotations
 
@@ -8,31 +8,68 @@ import binascii
 import io
 import json
 import re
+import secrets
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from flux2_klein import contract as api
+from flux2_klein.request import MAX_PROMPT_CHARS
 from flux2_klein.sizes import DEFAULT_SIZE, MAX_REFERENCES, SIZES, size_names
 
 from ..images import FORMATS
 
-RANDOM_SEED_BOUND = 2**32  # random seeds are 0..2**32-1, as NIM's image APIs use
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+RANDOM_SEED_BOUND = 2**32  # random seeds are 1..2**32-1, as NIM's image APIs use (never 0: NIM's "random")
+INT64_MAX = 2**63 - 1
+MAX_SAMPLES = 4  # images per request (NIM `samples`, OpenAI `n`); image i uses seed + i
 OUTPUT_FORMATS = {"png": ".png", "jpeg": ".jpeg", "webp": ".webp"}
+NIM_MODES = ("base",)  # NIM's `mode`: klein has one variant
+
+
+def random_seed() -> int:
+    return 1 + secrets.randbelow(RANDOM_SEED_BOUND - 1)
+
+
+@dataclass
+class Generation:
+    """What one API request asks of Triton, whichever API it came in: `samples` images of one prompt and
+    size, image i with seed `seed + i`. None leaves an input to the model's default (for width and height
+    with references: the size nearest the first reference's aspect ratio)."""
+
+    prompt: str
+    seed: int
+    samples: int = 1
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    references: list[bytes] = field(default_factory=list)
+    output_format: str = "png"
+    output_quality: int | None = None  # JPEG/WebP quality; None: the client's documented default
+    # NIM's flag, carried for the guardrail (which decides what it may switch off); the gateway itself has no
+    # safety checker to disable.
+    disable_safety_checker: bool = False
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.samples)]
 
 
 class InferRequest(BaseModel):
-    """The body of POST /v1/infer."""
+    """The body of POST /v1/infer: NIM's fields with NIM's meaning, plus `output_format`."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str = Field(description="the text prompt (UTF-8; may be empty)")
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS,
+                        description=f"the text prompt (UTF-8; may be empty; at most {MAX_PROMPT_CHARS} characters)")
+    mode: Literal[NIM_MODES] = Field("base", description="NIM's model variant; klein has only 'base'")
     width: int | None = Field(None, description=f"output width; with height one of: {size_names()}",
                               examples=[1024])
     height: int | None = Field(None, description=f"output height (default {DEFAULT_SIZE[1]})", examples=[1024])
-    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX,
-                             description="noise seed; absent or null: random (returned in the artifact)")
+    seed: int | None = Field(0, ge=0, le=INT64_MAX,
+                             description="noise seed, >= 0; 0 (the default) or null: a random one. Each artifact "
+                                         "returns the seed it used")
     steps: int | None = Field(None, ge=api.MIN_STEPS, le=api.MAX_STEPS,
                               description=f"denoising steps (default: {api.DEFAULT_STEPS_DISTILLED} distilled, "
                                           f"{api.DEFAULT_STEPS_BASE} base)")
@@ -46,7 +83,20 @@ class InferRequest(BaseModel):
     )
     output_format: Literal["png", "jpeg", "webp"] = Field(
         "png", description="encoding of the answered image: png (lossless, default), jpeg or webp")
-    samples: Literal[1] = Field(1, description="images per request; only 1 (NIM compatibility)")
+    samples: int = Field(1, ge=1, le=MAX_SAMPLES,
+                         description=f"images per request, 1..{MAX_SAMPLES}: image i uses seed + i and equals the "
+                                     "request of one image with that seed")
+    disable_safety_checker: bool = Field(False, description="NIM's flag: skip the content safety check where "
+                                                            "the gateway's guardrail allows it")
+
+    def generation(self) -> Generation:
+        check_seeds(self.seed, self.samples, "samples")
+        return Generation(
+            prompt=self.prompt, seed=self.seed or random_seed(), samples=self.samples, width=self.width,
+            height=self.height, steps=self.steps, guidance=self.cfg_scale, references=[
+                decode_image(text, i) for i, text in enumerate(self.image or [])],
+            output_format=self.output_format, disable_safety_checker=self.disable_safety_checker,
+        )
 
     @field_validator("image", mode="before")
     @classmethod
@@ -116,8 +166,8 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
-def parse_body(raw: bytes) -> InferRequest:
-    """The request body as a validated InferRequest, or ApiError 400 (not JSON) / 422 (not valid)."""
+def parse_json_object(raw: bytes) -> dict:
+    """A request body as a JSON object, or ApiError 400 (not JSON) / 422 (not an object)."""
     if not raw.strip():
         raise ApiError(400, 'request body is empty; expected a JSON object such as {"prompt": "a red fox"}')
     try:
@@ -130,18 +180,30 @@ def parse_body(raw: bytes) -> InferRequest:
         raise ApiError(400, f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except ValueError as e:  # NaN, Infinity
         raise ApiError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:  # arrays or objects nested thousands deep: a client's doing, not ours
+        raise ApiError(400, "request body nests JSON arrays or objects too deeply") from None
     if not isinstance(data, dict):
         kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(data), "a number")
         raise ApiError(422, f'request body must be a JSON object such as {{"prompt": "a red fox"}}; got {kind}')
+    return data
+
+
+def parse_body(raw: bytes) -> InferRequest:
+    """The body of /v1/infer as a validated InferRequest, or ApiError 400 (not JSON) / 422 (not valid)."""
+    data = parse_json_object(raw)
     try:
         request = InferRequest.model_validate(data)
     except ValidationError as e:
         raise ApiError(422, validation_detail(e.errors(include_url=False), list(InferRequest.model_fields))) from None
+    check_prompt(request.prompt)
+    return request
+
+
+def check_prompt(prompt: str) -> None:
     try:
-        request.prompt.encode("utf-8")
+        prompt.encode("utf-8")
     except UnicodeEncodeError as e:
         raise ApiError(422, f"prompt: not valid Unicode text (a lone surrogate at character {e.start})") from None
-    return request
 
 
 _DATA_URL = re.compile(r"data:(?P<mime>[^,;]*)(?P<params>(?:;[^,;]*)*),(?P<data>.*)", re.DOTALL | re.IGNORECASE)
@@ -181,6 +243,12 @@ def decode_image(text: str, index: int) -> bytes:
     return decoded
 
 
+def check_seeds(seed: int | None, count: int, count_field: str) -> None:
+    if seed is not None and seed + count - 1 > INT64_MAX:
+        raise ApiError(422, f"seed: with {count_field}={count}, at most {INT64_MAX - count + 1} (image i uses "
+                            f"seed + i, an INT64)")
+
+
 def check_size(width: int | None, height: int | None) -> None:
     if width is None and height is None:
         return
@@ -213,10 +281,13 @@ def api_message(triton_message: str) -> str:
     return message
 
 
-def encode_image(array, fmt: str) -> bytes:
+def encode_image(array, fmt: str, quality: int | None = None) -> bytes:
+    """PNG, or JPEG/WebP at `quality` (default: the client's, 95); PNG ignores quality."""
     from PIL import Image
 
     pil_format, options = FORMATS[OUTPUT_FORMATS[fmt]]
+    if quality is not None and "quality" in options:
+        options = {**options, "quality": quality}
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format=pil_format, **options)
     return buf.getvalue()

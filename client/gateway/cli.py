@@ -40,6 +40,16 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _non_negative_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0; got {text!r}")
+    return value
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -87,6 +97,15 @@ def add_gateway_parser(subparsers) -> argparse.ArgumentParser:
                    help=env_help("largest request body; larger ones get 413", "max_body_bytes"))
     g.add_argument("--max-concurrency", type=typed(_positive_int, "max_concurrency"), default=_env_default("max_concurrency"), metavar="N",
                    help=env_help("most /v1/infer requests in flight; more get 429", "max_concurrency"))
+    g.add_argument("--max-queue", type=typed(_non_negative_int, "max_queue"), default=_env_default("max_queue"),
+                   metavar="N", help=env_help("requests that may wait for a slot when all are taken; more get 429",
+                                              "max_queue"))
+    g.add_argument("--queue-timeout", type=typed(_non_negative_seconds, "queue_timeout_s"),
+                   default=_env_default("queue_timeout_s"), metavar="S",
+                   help=env_help("seconds a request waits for a slot before 429", "queue_timeout_s"))
+    g.add_argument("--body-timeout", type=typed(_positive_seconds, "body_timeout_s"),
+                   default=_env_default("body_timeout_s"), metavar="S",
+                   help=env_help("seconds a client may take to send its request body; then 408", "body_timeout_s"))
     g.add_argument("--timeout", type=typed(_positive_seconds, "timeout_s"), default=_env_default("timeout_s"), metavar="S",
                    help=env_help("seconds a /v1/infer request may take; then 504", "timeout_s"))
     g.add_argument("--retry-after", type=typed(_non_negative_int, "retry_after_s"), default=_env_default("retry_after_s"), metavar="S",
@@ -101,7 +120,8 @@ def add_gateway_parser(subparsers) -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
     return GatewaySettings(
         triton_url=args.triton_url, model=args.model, max_body_bytes=args.max_body_bytes,
-        max_concurrency=args.max_concurrency, timeout_s=args.timeout, retry_after_s=args.retry_after,
+        max_concurrency=args.max_concurrency, max_queue=args.max_queue, queue_timeout_s=args.queue_timeout,
+        body_timeout_s=args.body_timeout, timeout_s=args.timeout, retry_after_s=args.retry_after,
         api_key=args.api_key or None,
     )
 
@@ -120,9 +140,9 @@ def run_gateway(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     app = create_app(settings)
-    log.info("gateway on http://%s:%d -> Triton gRPC %s, model %s (auth %s, at most %d in flight, timeout %g s)",
-             args.host, args.port, settings.triton_url, settings.model, "on" if settings.api_key else "off",
-             settings.max_concurrency, settings.timeout_s)
+    log.info("gateway on http://%s:%d -> Triton gRPC %s, model %s (auth %s, at most %d in flight and %d waiting, "
+             "timeout %g s)", args.host, args.port, settings.triton_url, settings.model,
+             "on" if settings.api_key else "off", settings.max_concurrency, settings.max_queue, settings.timeout_s)
     verbose = getattr(args, "verbose", False)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
                                            log_level="debug" if verbose else "info"))

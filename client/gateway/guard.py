@@ -1,8 +1,13 @@
 """Request ids, the API key, the body size limit and the concurrency limit: one ASGI middleware, outside
-FastAPI's routing so that it answers before a body is read; it also feeds the metrics."""
+FastAPI's routing so that it answers before a body is read; it also feeds the metrics.
+
+A /v1/infer body is read whole, within the body timeout, before the request takes a concurrency slot: a
+client that sends headers and stalls holds a connection, never a slot. With every slot taken a request
+waits (at most `max_queue` of them, `queue_timeout_s` each) before 429."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -31,12 +36,68 @@ async def _send_json(send, status: int, body: dict, headers: dict[str, str] | No
     await send({"type": "http.response.body", "body": payload})
 
 
+class _Disconnected(Exception):
+    """The client went away before its body was read."""
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_body(receive, limit: int) -> bytes:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Disconnected
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+class Slots:
+    """`limit` requests at once; up to `queue` more wait up to `wait_s` seconds for one."""
+
+    def __init__(self, limit: int, queue: int, wait_s: float):
+        self.limit, self.queue, self.wait_s = limit, queue, wait_s
+        self.in_use = self.waiting = 0
+        self._freed = asyncio.Condition()
+
+    async def acquire(self) -> bool:
+        if self.in_use < self.limit:
+            self.in_use += 1
+            return True
+        if self.waiting >= self.queue or self.wait_s <= 0:
+            return False
+        self.waiting += 1
+        try:
+            async with self._freed:
+                await asyncio.wait_for(self._freed.wait_for(lambda: self.in_use < self.limit), self.wait_s)
+        except TimeoutError:
+            return False
+        finally:
+            self.waiting -= 1
+        self.in_use += 1
+        return True
+
+    async def release(self) -> None:
+        self.in_use -= 1
+        async with self._freed:
+            self._freed.notify()
+
+
 class LimitsMiddleware:
     """Request ids, metrics, the API key, the body size limit and the concurrency limit, in that order."""
 
     def __init__(self, app, gateway: Gateway):
         self.app = app
         self.gateway = gateway
+        s = gateway.settings
+        self.slots = Slots(s.max_concurrency, s.max_queue, s.queue_timeout_s)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -106,15 +167,47 @@ class LimitsMiddleware:
 
             # The concurrency limit, only for /v1/infer: health and metrics must answer while it is full.
             if scope["path"] == "/v1/infer" and scope["method"] == "POST":
-                if gw.in_flight >= gw.settings.max_concurrency:
-                    await _send_json(send_wrapper, 429, {
-                        "detail": f"too many requests in flight: at most {gw.settings.max_concurrency} at once "
-                                  f"(the gateway's --max-concurrency / {ENV['max_concurrency']}); retry later"},
-                        {"Retry-After": str(gw.settings.retry_after_s)})
+                s = gw.settings
+                try:
+                    body = await asyncio.wait_for(_read_body(receive, limit), s.body_timeout_s)
+                except _Disconnected:
+                    log.info("request %s: the client disconnected before sending its whole body", request_id)
+                    status_box[0] = 499  # nginx's "client closed request", for the metrics only
                     return
-                admitted = True
+                except _TooLarge:
+                    await _send_json(send_wrapper, 413, {"detail": too_large}, {"Connection": "close"})
+                    return
+                except TimeoutError:
+                    await _send_json(send_wrapper, 408, {
+                        "detail": f"request body not received within {s.body_timeout_s:g} s (the gateway's "
+                                  f"--body-timeout / {ENV['body_timeout_s']})"}, {"Connection": "close"})
+                    return
+                gw.metrics.queued.inc()
+                try:
+                    admitted = await self.slots.acquire()
+                finally:
+                    gw.metrics.queued.dec()
+                if not admitted:
+                    await _send_json(send_wrapper, 429, {
+                        "detail": f"too many requests in flight: at most {s.max_concurrency} at once and "
+                                  f"{s.max_queue} waiting up to {s.queue_timeout_s:g} s (the gateway's "
+                                  f"--max-concurrency / {ENV['max_concurrency']}, --max-queue, --queue-timeout); "
+                                  "retry later"},
+                        {"Retry-After": str(s.retry_after_s)})
+                    return
                 gw.in_flight += 1
                 gw.metrics.in_flight.inc()
+                replayed = False
+
+                async def replay():
+                    nonlocal replayed
+                    if not replayed:
+                        replayed = True
+                        return {"type": "http.request", "body": body, "more_body": False}
+                    return await receive()
+
+                await self.app(scope, replay, send_wrapper)
+                return
             await self.app(scope, limited_receive, send_wrapper)
         except Exception:
             if not started[0]:
@@ -127,4 +220,5 @@ class LimitsMiddleware:
             if admitted:
                 gw.in_flight -= 1
                 gw.metrics.in_flight.dec()
+                await self.slots.release()
             gw.metrics.observe(path, scope["method"], status_box[0], time.perf_counter() - start)

@@ -5,7 +5,7 @@ from __future__ import annotations
 PATHS = ("/v1/infer", "/v1/health/live", "/v1/health/ready", "/v1/models", "/v1/metrics", "/docs",
          "/docs/oauth2-redirect", "/openapi.json")
 HEALTH_PATHS = frozenset({"/v1/health/live", "/v1/health/ready"})
-REASONS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+REASONS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 408: "body_timeout",
            413: "body_too_large", 422: "invalid_argument", 429: "busy", 500: "internal", 502: "upstream_error",
            503: "unavailable", 504: "timeout"}
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
@@ -26,6 +26,7 @@ class Metrics:
         self.errors = Counter(p + "errors", "Answers with a status >= 400 (health endpoints left out), by reason",
                               ["path", "reason"], registry=self.registry)
         self.in_flight = Gauge(p + "in_flight", "/v1/infer requests being served", registry=self.registry)
+        self.queued = Gauge(p + "queued", "/v1/infer requests waiting for a slot", registry=self.registry)
         self.limit = Gauge(p + "max_concurrency", "The most /v1/infer requests served at once",
                            registry=self.registry)
         self.limit.set(max_concurrency)
@@ -41,7 +42,3 @@ class Metrics:
 
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Limits: one ASGI middleware, outside FastAPI's routing so that it answers before a body is read
-# ---------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,9 @@ ENV = {
     "model": "FLUX2_KLEIN_GATEWAY_MODEL",
     "max_body_bytes": "FLUX2_KLEIN_GATEWAY_MAX_BODY_BYTES",
     "max_concurrency": "FLUX2_KLEIN_GATEWAY_MAX_CONCURRENCY",
+    "max_queue": "FLUX2_KLEIN_GATEWAY_MAX_QUEUE",
+    "queue_timeout_s": "FLUX2_KLEIN_GATEWAY_QUEUE_TIMEOUT_S",
+    "body_timeout_s": "FLUX2_KLEIN_GATEWAY_BODY_TIMEOUT_S",
     "timeout_s": "FLUX2_KLEIN_GATEWAY_TIMEOUT_S",
     "retry_after_s": "FLUX2_KLEIN_GATEWAY_RETRY_AFTER_S",
     "api_key": "FLUX2_KLEIN_API_KEY",
@@ -29,6 +32,12 @@ DEFAULTS = {
     "model": MODEL_NAME,
     "max_body_bytes": "64MiB",
     "max_concurrency": "8",
+    # A short wait for a slot before 429: a burst just over the limit queues for seconds instead of
+    # retrying for minutes; the queue is bounded so that a flood still meets 429 at once.
+    "max_queue": "8",
+    "queue_timeout_s": "10",
+    # A client that sends headers and then stalls holds a connection, never a slot, and only this long.
+    "body_timeout_s": "30",
     "timeout_s": "300",
     "retry_after_s": "1",
 }
@@ -56,6 +65,9 @@ class GatewaySettings:
     model: str = DEFAULTS["model"]
     max_body_bytes: int = parse_bytes(DEFAULTS["max_body_bytes"])
     max_concurrency: int = int(DEFAULTS["max_concurrency"])
+    max_queue: int = int(DEFAULTS["max_queue"])
+    queue_timeout_s: float = float(DEFAULTS["queue_timeout_s"])
+    body_timeout_s: float = float(DEFAULTS["body_timeout_s"])
     timeout_s: float = float(DEFAULTS["timeout_s"])
     retry_after_s: int = int(DEFAULTS["retry_after_s"])
     api_key: str | None = None
@@ -65,7 +77,13 @@ class GatewaySettings:
             raise ValueError(f"max_body_bytes must be positive; got {self.max_body_bytes}")
         if self.max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1; got {self.max_concurrency}")
-        if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
-            raise ValueError(f"timeout_s must be a positive number of seconds; got {self.timeout_s}")
+        for name in ("timeout_s", "body_timeout_s"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a positive number of seconds; got {value}")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0; got {self.max_queue}")
+        if not (self.queue_timeout_s >= 0 and math.isfinite(self.queue_timeout_s)):
+            raise ValueError(f"queue_timeout_s must be >= 0 seconds; got {self.queue_timeout_s}")
         if self.retry_after_s < 0:
             raise ValueError(f"retry_after_s must be >= 0; got {self.retry_after_s}")

@@ -19,7 +19,7 @@ from pathlib import Path
 # Lowercase Cyrillic and Greek letters that pass for Latin ones (after casefold, so uppercase look-alikes
 # such as Cyrillic "Н" arrive here as "н").
 _CONFUSABLES = str.maketrans({
-    "а": "a", "в": "b", "е": "e", "ё": "e", "з": "3", "і": "i", "ї": "i", "ј": "j", "к": "k", "м": "m",
+    "а": "a", "в": "b", "е": "e", "ё": "e", "і": "i", "ї": "i", "ј": "j", "к": "k", "м": "m",
     "н": "h", "о": "o", "р": "p", "с": "c", "т": "t", "у": "y", "х": "x", "ѕ": "s", "ԁ": "d", "ԛ": "q",
     "ԝ": "w", "ɑ": "a", "ɡ": "g", "ı": "i", "α": "a", "β": "b", "ε": "e", "η": "n", "ι": "i", "κ": "k",
     "ν": "v", "ο": "o", "ρ": "p", "τ": "t", "υ": "u", "χ": "x", "ω": "w",
@@ -112,7 +112,8 @@ class Blocklist:
     def match(self, prompt: str) -> str | None:
         text = normalize(prompt)
         if self._terms is not None:
-            for candidate in (text, text.translate(_LEET)):
+            folded = text.translate(_LEET)
+            for candidate in (text, folded) if folded != text else (text,):
                 m = self._terms.search(candidate)
                 if m:
                     return self._term_ids[m.lastgroup]

@@ -1,0 +1,210 @@
+"""OpenAI's Images API on the gateway (docs/CONTRACT.md section 4): `POST /v1/images/generations` (JSON) and
+`POST /v1/images/edits` (multipart), answered and failed in OpenAI's shapes, so that the official `openai`
+clients work given only a base URL and a key.
+
+What OpenAI documents and klein cannot do is refused by name (response_format "url", a mask, transparent
+backgrounds, sizes other than the 17); what only tunes OpenAI's own models (quality, style, moderation,
+user) is accepted and has no effect. `seed`, `steps`, `cfg_scale` and `disable_safety_checker` are this
+gateway's extensions (pass them with the client's `extra_body`)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from flux2_klein import contract as api
+from flux2_klein.sizes import MAX_REFERENCES, SIZES, parse_size, size_names
+
+from .body import (
+    INT64_MAX, MAX_SAMPLES, ApiError, Generation, check_prompt, check_seeds, parse_json_object, random_seed,
+    validation_detail,
+)
+
+IMAGES_PREFIX = "/v1/images/"
+# OpenAI's error `type` for each status it can answer with.
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+_FIELD = re.compile(r"([a-z_]+(?:/[a-z_]+)?)(?:\[\d+\])?:")  # the field a message starts with
+MAX_FORM_FILES = 16  # more than MAX_REFERENCES, so that a fifth image is refused by name, not by the parser
+
+
+class ImagesRequest(BaseModel):
+    """The fields of both endpoints (an edit's images come as files beside them)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(description="the text prompt (UTF-8; may be empty)")
+    model: str | None = Field(None, description="any name: this gateway serves one model")
+    n: int | None = Field(1, ge=1, le=MAX_SAMPLES, description=f"images, 1..{MAX_SAMPLES}: image i uses seed + i")
+    size: str | None = Field("auto", description=f"WIDTHxHEIGHT, one of {size_names()}; or auto: 1024x1024, or "
+                                                  "for an edit the size nearest the first image's aspect ratio")
+    response_format: Literal["b64_json"] | None = Field(
+        "b64_json", description="b64_json only: this gateway keeps no files to link to")
+    output_format: Literal["png", "jpeg", "webp"] | None = Field("png", description="encoding of the images")
+    output_compression: int | None = Field(None, ge=0, le=100, description="JPEG/WebP quality, 0..100 (default 95)")
+    background: Literal["auto", "opaque"] | None = Field(None, description="images are opaque RGB")
+    quality: str | None = Field(None, description="accepted for OpenAI compatibility; no effect")
+    style: str | None = Field(None, description="accepted for OpenAI compatibility; no effect")
+    moderation: str | None = Field(None, description="accepted for OpenAI compatibility; no effect")
+    input_fidelity: str | None = Field(None, description="accepted for OpenAI compatibility; no effect")
+    user: str | None = Field(None, description="accepted for OpenAI compatibility; no effect")
+    stream: Literal[False] | None = Field(None, description="not supported: images come whole")
+    # Extensions.
+    seed: int | None = Field(None, ge=0, le=INT64_MAX, description="noise seed, >= 0 (absent: random); returned "
+                                                                   "with each image")
+    steps: int | None = Field(None, ge=api.MIN_STEPS, le=api.MAX_STEPS, description="denoising steps")
+    cfg_scale: float | None = Field(None, ge=0, allow_inf_nan=False, description="guidance scale (base checkpoints)")
+    disable_safety_checker: bool = Field(False, description="as NIM's flag of that name")
+
+    @field_validator("output_format", mode="before")
+    @classmethod
+    def _format_alias(cls, value):
+        return "jpeg" if isinstance(value, str) and value.strip().lower() == "jpg" else value
+
+    def generation(self, references: list[bytes]) -> Generation:
+        width = height = None
+        if self.size not in (None, "auto"):
+            try:
+                width, height = parse_size(self.size)
+            except ValueError:
+                raise ApiError(422, f"size: {self.size!r} is not WIDTHxHEIGHT; allowed: auto, {size_names()}") from None
+            if (width, height) not in SIZES:
+                raise ApiError(422, f"size: {self.size} is not supported; allowed: auto, {size_names()}")
+        n = self.n or 1
+        check_prompt(self.prompt)
+        check_seeds(self.seed, n, "n")
+        return Generation(
+            prompt=self.prompt, seed=random_seed() if self.seed is None else self.seed, samples=n, width=width,
+            height=height, steps=self.steps, guidance=self.cfg_scale, references=references,
+            output_format=self.output_format or "png", output_quality=self.output_compression,
+            disable_safety_checker=self.disable_safety_checker,
+        )
+
+
+def _validated(data: dict, strict: bool) -> ImagesRequest:
+    try:
+        return ImagesRequest.model_validate(data, strict=strict)
+    except ValidationError as e:
+        raise ApiError(422, validation_detail(e.errors(include_url=False), list(ImagesRequest.model_fields))) from None
+
+
+async def _edit_request(request: Request) -> tuple[ImagesRequest, list[bytes]]:
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise ApiError(400, f"send multipart/form-data with one or more 'image' files; got {content_type or 'none'}")
+    form = await request.form(max_files=MAX_FORM_FILES)
+    fields, images = {}, []
+    for key, value in form.multi_items():
+        if key in ("image", "image[]"):  # the openai client names a list of files image[]
+            if isinstance(value, str):
+                raise ApiError(422, f"image[{len(images)}]: expected a file (PNG, JPEG or WebP), got a text field")
+            images.append(await value.read())
+        elif key == "mask":
+            raise ApiError(422, "mask: not supported; klein edits the whole image from the prompt")
+        elif not isinstance(value, str):
+            raise ApiError(422, f"{key}: expected a text field, got a file")
+        elif key in fields:
+            raise ApiError(422, f"{key}: given more than once")
+        else:
+            fields[key] = value
+    if not images:
+        raise ApiError(422, "image: required; send 1 to 4 image files (PNG, JPEG or WebP)")
+    if len(images) > MAX_REFERENCES:
+        raise ApiError(422, f"image: at most {MAX_REFERENCES} images, got {len(images)}")
+    for i, data in enumerate(images):
+        if not data:
+            raise ApiError(422, f"image[{i}]: empty; expected a PNG, JPEG or WebP file")
+    # Form values are text: let pydantic read "2" as an integer here (not in the JSON endpoint).
+    if fields.get("disable_safety_checker", "").lower() in ("true", "false"):
+        fields["disable_safety_checker"] = fields["disable_safety_checker"].lower() == "true"
+    return _validated(fields, strict=False), images
+
+
+def _answer(images, output_format: str) -> dict:
+    first = images[0]
+    return {"created": int(time.time()), "data": [
+        {"b64_json": base64.b64encode(image.data).decode("ascii"), "revised_prompt": None, "seed": image.seed}
+        for image in images], "output_format": output_format, "size": f"{first.width}x{first.height}"}
+
+
+def add_openai_routes(app: FastAPI, gateway) -> None:
+    """The two endpoints; their errors take OpenAI's shape in `OpenAIErrors`, which the app adds outermost."""
+    schema = ImagesRequest.model_json_schema()
+    edit_schema = {**schema, "required": ["prompt", "image"], "properties": {**schema["properties"], "image": {
+        "type": "array", "items": {"type": "string", "format": "binary"}, "maxItems": MAX_REFERENCES,
+        "description": f"1..{MAX_REFERENCES} reference images (PNG, JPEG, WebP); also accepted as image[]"}}}
+    answer = {"200": {"description": "the images", "content": {"application/json": {"schema": {
+        "type": "object", "properties": {"created": {"type": "integer"}, "data": {"type": "array"}}}}}}}
+
+    @app.post("/v1/images/generations", summary="Generate images (OpenAI's Images API)", responses=answer,
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}})
+    async def generations(request: Request):
+        body = _validated(parse_json_object(await request.body()), strict=True)
+        generation = body.generation([])
+        images = await gateway.generate(generation, request.scope["state"]["request_id"])
+        return JSONResponse(_answer(images, generation.output_format))
+
+    @app.post("/v1/images/edits", summary="Edit images (OpenAI's Images API)", responses=answer,
+              openapi_extra={"requestBody": {"required": True,
+                                             "content": {"multipart/form-data": {"schema": edit_schema}}}})
+    async def edits(request: Request):
+        body, references = await _edit_request(request)
+        generation = body.generation(references)
+        images = await gateway.generate(generation, request.scope["state"]["request_id"])
+        return JSONResponse(_answer(images, generation.output_format))
+
+
+def openai_error(status: int, detail: str) -> tuple[int, dict]:
+    """A {"detail"} answer -> OpenAI's status and body. OpenAI answers a bad request 400, where NIM's 422."""
+    status = 400 if status == 422 else status
+    named = _FIELD.match(detail) if status == 400 else None
+    param = None if named is None else "size" if named.group(1) == "width/height" else named.group(1)
+    kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    code = "invalid_api_key" if status == 401 else None
+    return status, {"error": {"message": detail, "type": kind, "param": param, "code": code}}
+
+
+class OpenAIErrors:
+    """ASGI middleware, outermost: every error answered on /v1/images/* -- by a route, by FastAPI or by the
+    guard (key, size, load) -- leaves in OpenAI's shape {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith(IMAGES_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        held: dict = {}
+
+        async def rewrite(message):
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                held["start"], held["body"] = message, b""
+                return
+            if message["type"] == "http.response.body" and "start" in held:
+                held["body"] += message.get("body", b"")
+                if message.get("more_body"):
+                    return
+                start = held.pop("start")
+                try:
+                    detail = str(json.loads(held["body"])["detail"])
+                except (ValueError, KeyError, TypeError):
+                    detail = held["body"].decode("utf-8", "replace") or f"HTTP {start['status']}"
+                status, body = openai_error(start["status"], detail)
+                payload = json.dumps(body).encode()
+                headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (
+                    b"content-length", b"content-type")]
+                headers += [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send({"type": "http.response.body", "body": payload})
+                return
+            await send(message)
+
+        await self.app(scope, receive, rewrite)

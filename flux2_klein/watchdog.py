@@ -1,0 +1,192 @@
+"""Keeping one tritonserver honest, for `flux2-klein serve` and the container alike: its Python-backend stubs
+watched (a dead stub leaves Triton saying "ready" while its model fails every request), a bounded number of
+logged restarts, its stubs killed with it, stale shared-memory regions removed, and a graceful stop that
+lets the requests in flight finish before Triton is told to stop.
+
+Why a stop needs more than SIGTERM: a stopping Triton refuses every new request, the sampler's internal
+(BLS) calls included, so a request in the middle of its denoising loop would fail. Unloading the entry
+model first (explicit model control, through the repository API that only we hold the key to) refuses new
+requests from clients while those in flight finish; then SIGTERM stops an idle server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("flux2_klein")
+
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "triton_python_backend_shm_region_"
+STUB_COMM = "triton_python_b"  # /proc/<pid>/comm keeps 15 characters of triton_python_backend_stub
+# Triton APIs nobody outside this process needs, and which crash or reconfigure a server when misused
+# (a backend's own shared-memory region registered and written into aborts tritonserver): they answer only
+# requests carrying ADMIN_HEADER with this process's random key.
+RESTRICTED_APIS = ("shared-memory", "model-repository", "trace", "logging")
+ADMIN_HEADER = "flux2-klein-admin"
+
+
+def new_admin_key() -> str:
+    return secrets.token_hex(16)
+
+
+def restriction_args(key: str) -> list[str]:
+    apis = ",".join(RESTRICTED_APIS)
+    return [f"--http-restricted-api={apis}:{ADMIN_HEADER}={key}",
+            f"--grpc-restricted-protocol={apis}:{ADMIN_HEADER}={key}"]
+
+
+# -- processes ---------------------------------------------------------------------------------------------------
+
+def _ppid(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def stub_pids(server_pid: int) -> set[int]:
+    """The Python-backend stubs tritonserver `server_pid` started (its children named like the stub)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() == STUB_COMM and _ppid(int(entry.name)) == server_pid:
+                    found.add(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie counts as dead)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL a process group (a tritonserver started in a session of its own, and its stubs)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+# -- shared memory ------------------------------------------------------------------------------------------------
+
+def _mapped_shm() -> set[str]:
+    """Names of /dev/shm files some process we can see has mapped."""
+    names = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                for line in (entry / "maps").read_text().splitlines():
+                    if "/dev/shm/" in line:
+                        names.add(line.split("/dev/shm/", 1)[1].split(" ")[0])
+    return names
+
+
+def clean_stale_shm(shm_dir: Path = SHM_DIR, min_age_s: float = 30.0) -> tuple[int, int]:
+    """Remove Python-backend regions no process maps, untouched for `min_age_s` (a region is mapped within
+    moments of its creation, so an older unmapped one belongs to a killed stub); (files, bytes) removed.
+    Kubernetes keeps a memory-backed /dev/shm across container restarts: leftovers would add up."""
+    try:
+        candidates = [p for p in shm_dir.iterdir() if p.name.startswith(SHM_PREFIX)]
+    except OSError:
+        return 0, 0
+    if not candidates:
+        return 0, 0
+    mapped, now, files, size = _mapped_shm(), time.time(), 0, 0
+    for path in candidates:
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            if path.name not in mapped and now - st.st_mtime > min_age_s:
+                path.unlink()
+                files, size = files + 1, size + st.st_blocks * 512
+    if files:
+        log.info("removed %d stale Triton shared-memory region(s) from %s (%.1f MB)", files, shm_dir, size / 1e6)
+    return files, size
+
+
+def shm_usage(shm_dir: Path = SHM_DIR) -> tuple[int, int]:
+    """(files, bytes in memory) of the Python-backend regions in `shm_dir`."""
+    files = size = 0
+    with contextlib.suppress(OSError):
+        for p in shm_dir.iterdir():
+            if p.name.startswith(SHM_PREFIX):
+                with contextlib.suppress(OSError):
+                    files, size = files + 1, size + p.stat().st_blocks * 512
+    return files, size
+
+
+# -- health and restarts ------------------------------------------------------------------------------------------
+
+@dataclass
+class StubWatch:
+    """The stubs a ready tritonserver runs (`arm` once ready); `problem` names one that died since."""
+
+    server_pid: int
+    stubs: set[int] = field(default_factory=set)
+
+    def arm(self) -> int:
+        self.stubs = stub_pids(self.server_pid)
+        return len(self.stubs)
+
+    def problem(self) -> str | None:
+        dead = sorted(pid for pid in self.stubs if not alive(pid))
+        if dead:
+            return f"Python-backend stub(s) {', '.join(map(str, dead))} of tritonserver {self.server_pid} died"
+        return None
+
+
+class RestartBudget:
+    """At most `limit` restarts in any `window_s` seconds; past that the fault is not transient."""
+
+    def __init__(self, limit: int = 5, window_s: float = 600.0):
+        self.limit, self.window_s = limit, window_s
+        self.times: deque[float] = deque()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        while self.times and now - self.times[0] > self.window_s:
+            self.times.popleft()
+        if len(self.times) >= self.limit:
+            return False
+        self.times.append(now)
+        return True
+
+
+# -- graceful stop ----------------------------------------------------------------------------------------------------
+
+def _admin(http_port: int, key: str, path: str, body: dict | None = None, timeout_s: float = 5.0):
+    request = urllib.request.Request(f"http://127.0.0.1:{http_port}{path}", method="POST",
+                                     data=json.dumps(body or {}).encode(), headers={ADMIN_HEADER: key})
+    with urllib.request.urlopen(request, timeout=timeout_s) as r:
+        return json.loads(r.read() or b"null")
+
+
+def drain(http_port: int, key: str, model: str, deadline: float) -> bool:
+    """Unload `model` (new requests to it are refused, those in flight finish) and wait until it is gone or
+    `deadline` (time.monotonic) passes; True when it drained. Triton must run with explicit model control."""
+    try:
+        _admin(http_port, key, f"/v2/repository/models/{model}/unload", {"parameters": {}},
+               timeout_s=max(0.5, deadline - time.monotonic()))
+        while time.monotonic() < deadline:
+            index = _admin(http_port, key, "/v2/repository/index", {"ready": False}, timeout_s=2.0)
+            state = next((m.get("state") for m in index if m.get("name") == model), "UNAVAILABLE")
+            if state not in ("READY", "UNLOADING", "LOADING"):
+                return True
+            time.sleep(0.2)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        log.warning("could not drain %s before stopping Triton (%s); stopping it now", model, e)
+    return False

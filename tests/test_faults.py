@@ -1,0 +1,195 @@
+"""Fault injection on CPU against a real `flux2-klein serve` and tritonserver, all traffic to 127.0.0.1: kill -9
+of a Python stub (idle and mid-request) and of tritonserver heal within seconds with no stub or /dev/shm
+region left behind; SIGTERM mid-request lets that request finish; Triton's dangerous APIs and non-loopback
+interfaces are closed; a bounded soak reports memory and /dev/shm before and after. The figures print with -s."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import ServeCommand
+from flux2_klein.client.triton_client import Flux2KleinClient, GenerationError
+from flux2_klein.server import answers_200
+from flux2_klein.watchdog import SHM_DIR, alive, shm_usage, stub_pids
+
+SIZE = dict(width=1248, height=832)
+HEAL_S = 240  # a restart of the tiny repository on two shared, loaded cores; the figure printed is the real one
+
+
+def _children(pid: int, comm: str) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                if (entry / "comm").read_text().strip() == comm and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry.name))
+            except OSError:
+                continue
+    return out
+
+
+def _triton_pid(server: ServeCommand) -> int:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        pids = _children(server.process.pid, "tritonserver")
+        if pids:
+            return pids[0]
+        time.sleep(0.2)
+    raise AssertionError("serve runs no tritonserver")
+
+
+def _generate(server: ServeCommand, steps: int = 4, seed: int = 0):
+    with Flux2KleinClient(server.grpc_url, timeout_s=300) as client:
+        return client.generate("a fault-tolerant fox", seed=seed, steps=steps, **SIZE)
+
+
+def _wait_healed(server: ServeCommand, old_triton: int, since: float) -> tuple[float, bool]:
+    """Seconds from `since` until a new tritonserver is ready; and whether readiness said no meanwhile."""
+    saw_not_ready = False
+    deadline = since + HEAL_S
+    while time.monotonic() < deadline:
+        assert server.process.poll() is None, "serve gave up"
+        ready = answers_200(server.ready_url, timeout_s=1.0)
+        saw_not_ready |= not ready
+        new = _children(server.process.pid, "tritonserver")
+        if ready and new and new[0] != old_triton:
+            return time.monotonic() - since, saw_not_ready
+        time.sleep(0.2)
+    raise AssertionError(f"not healed within {HEAL_S} s; log:\n{server.log_tail()}")
+
+
+def _rss_mb(pids) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            total += int(next(l for l in Path(f"/proc/{pid}/status").read_text().splitlines()
+                              if l.startswith("VmRSS")).split()[1])
+        except (OSError, StopIteration):
+            pass
+    return total / 1024
+
+
+@pytest.fixture(scope="module")
+def served(triton_repo, tmp_path_factory):
+    server = ServeCommand.started(triton_repo, tmp_path_factory.mktemp("faults"))
+    yield server
+    server.stop()
+
+
+def test_loopback_only_and_dangerous_apis_closed(served):
+    others = {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)} - {"127.0.0.1"}
+    for address in others:  # a non-loopback interface of this machine, if it has one
+        for port in (served.http_port, served.grpc_port, served.metrics_port):
+            with socket.socket() as s:
+                s.settimeout(2)
+                assert s.connect_ex((address, port)) != 0, f"port {port} answers on {address}"
+    base = f"http://127.0.0.1:{served.http_port}"
+    for path, body in [("/v2/repository/index", {}), ("/v2/repository/models/flux2_klein/unload", {}),
+                       ("/v2/systemsharedmemory/region/x/register", {"key": "/x", "offset": 0, "byte_size": 8}),
+                       ("/v2/logging", {"log_verbose_level": 1}), ("/v2/trace/setting", {"trace_level": ["TIMESTAMPS"]})]:
+        req = urllib.request.Request(base + path, data=json.dumps(body).encode(), method="POST")
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(req, timeout=5)
+        assert info.value.code in (401, 403), (path, info.value.code)
+    assert answers_200(f"{base}/v2/models/flux2_klein/ready")
+
+
+def test_stub_killed_idle_heals(served):
+    triton = _triton_pid(served)
+    stubs = sorted(stub_pids(triton))
+    assert stubs, "no Python stubs found"
+    _generate(served)
+    start = time.monotonic()
+    os.kill(stubs[-1], signal.SIGKILL)
+    seconds, saw_not_ready = _wait_healed(served, triton, start)
+    assert saw_not_ready, "readiness never said no while Triton was restarted"
+    assert not any(alive(p) for p in stubs), "a stub of the killed server outlived it"
+    _generate(served)
+    print(f"\nstub kill -9 (idle): healed and ready in {seconds:.1f} s")
+
+
+def test_stub_killed_mid_request_heals_and_loses_only_that_request(served):
+    triton = _triton_pid(served)
+    stubs = sorted(stub_pids(triton))
+    results = []
+    worker = threading.Thread(target=lambda: results.append(_try(served, steps=100)))
+    worker.start()
+    time.sleep(2.0)
+    start = time.monotonic()
+    os.kill(stubs[0], signal.SIGKILL)
+    seconds, _ = _wait_healed(served, triton, start)
+    worker.join(120)
+    ok = [_try(served) for _ in range(5)]
+    assert all(ok), f"after healing, {ok.count(False)} of 5 requests failed"
+    print(f"\nstub kill -9 (mid-request): healed in {seconds:.1f} s; requests lost: {results.count(False)} "
+          f"(the one in flight), 0 of 5 after")
+
+
+def _try(server, steps: int = 4) -> bool:
+    try:
+        _generate(server, steps=steps)
+        return True
+    except GenerationError:
+        return False
+
+
+def test_tritonserver_killed_restarts_without_leftovers(served):
+    triton = _triton_pid(served)
+    stubs = stub_pids(triton)
+    before = {p.name for p in SHM_DIR.iterdir()}
+    start = time.monotonic()
+    os.kill(triton, signal.SIGKILL)
+    seconds, saw_not_ready = _wait_healed(served, triton, start)
+    assert saw_not_ready
+    assert not any(alive(p) for p in stubs), "stubs of a killed tritonserver stayed alive (orphans)"
+    _generate(served)
+    print(f"\ntritonserver kill -9: restarted and ready in {seconds:.1f} s; its {len(stubs)} stubs gone; "
+          f"/dev/shm regions before {len(before)}")
+
+
+def test_soak_memory_and_shm(served):
+    n = 30
+    triton = _triton_pid(served)
+    _generate(served)
+    pids = [triton, *stub_pids(triton)]
+    rss0, shm0 = _rss_mb(pids), shm_usage()
+    start = time.monotonic()
+    for i in range(n):
+        _generate(served, seed=i)
+    rss1, shm1 = _rss_mb(pids), shm_usage()
+    print(f"\nsoak {n} requests in {time.monotonic() - start:.0f} s: tritonserver+stubs RSS {rss0:.0f} -> "
+          f"{rss1:.0f} MB; /dev/shm regions {shm0[0]} ({shm0[1] / 1e6:.0f} MB) -> {shm1[0]} ({shm1[1] / 1e6:.0f} MB)")
+    assert rss1 < rss0 * 1.25 + 100, "memory grows with requests"
+    assert shm1[1] <= shm0[1] + (64 << 20)
+
+
+def test_sigterm_mid_request_lets_it_finish(served):
+    """Last: it ends the module's server."""
+    triton = _triton_pid(served)
+    stubs = stub_pids(triton)
+    results = []
+    worker = threading.Thread(target=lambda: results.append(_try(served, steps=100)))
+    worker.start()
+    time.sleep(2.0)
+    assert worker.is_alive(), "the long request ended before the stop: make it longer"
+    start = time.monotonic()
+    served.process.send_signal(signal.SIGTERM)
+    # New requests are refused while the one in flight finishes.
+    time.sleep(0.5)
+    assert not _try(served)
+    worker.join(300)
+    assert served.process.wait(120) == 0
+    assert results == [True], "the request in flight when SIGTERM came was dropped"
+    assert not any(alive(p) for p in [triton, *stubs])
+    print(f"\nSIGTERM mid-request: the request finished; serve exited 0 after {time.monotonic() - start:.1f} s")

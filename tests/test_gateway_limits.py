@@ -1,0 +1,88 @@
+"""The gateway's limits against hostile clients, with no Triton behind it (each answer comes before one is
+needed): stalled uploads hold no concurrency slot and meet 408; a client leaving mid-upload is a quiet log
+line; JSON nested 100,000 deep is 400; an oversized prompt is a 4xx naming `prompt`; the bounded queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+
+import pytest
+
+from test_gateway import InProcessGateway, metric
+from flux2_klein.client.gateway.guard import Slots
+from flux2_klein.request import MAX_PROMPT_CHARS
+
+NOWHERE = "127.0.0.1:9"  # discard port: nothing answers; none of these requests reach Triton
+
+
+def _stall(port: int, length: int = 1000, sent: bytes = b"{") -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % length + sent)
+    return s
+
+
+@pytest.fixture
+def gw():
+    g = InProcessGateway(triton_url=NOWHERE, max_concurrency=2, max_queue=0, body_timeout_s=2)
+    yield g
+    g.stop()
+
+
+def test_stalled_uploads_hold_no_slot_and_time_out(gw):
+    stalled = [_stall(gw.port) for _ in range(4)]  # twice the concurrency limit
+    try:
+        time.sleep(0.3)
+        answer = gw.infer({"prompt": 7})  # a complete request: answered at once, not 429
+        assert answer.status == 422 and "prompt" in answer.detail, answer
+        start = time.monotonic()
+        stalled[0].settimeout(10)
+        reply = stalled[0].recv(4096).decode()
+        assert reply.startswith("HTTP/1.1 408") and "body-timeout" in reply, reply
+        assert time.monotonic() - start < 5
+    finally:
+        for s in stalled:
+            s.close()
+    assert metric(gw.metrics(), "flux2_klein_gateway_in_flight") == 0
+
+
+def test_disconnect_mid_upload_is_a_quiet_log_line(gw, caplog):
+    caplog.set_level(logging.INFO, logger="flux2_klein.gateway")
+    s = _stall(gw.port, length=10_000, sent=b'{"prompt": "half')
+    time.sleep(0.3)
+    s.close()
+    deadline = time.monotonic() + 5
+    while "disconnected" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "disconnected before sending its whole body" in caplog.text
+    assert "Traceback" not in caplog.text and "unhandled" not in caplog.text
+    assert metric(gw.metrics(), "flux2_klein_gateway_requests_total", path="/v1/infer", method="POST",
+                  status="500") == 0
+
+
+def test_deep_json_is_400_and_a_huge_prompt_names_the_field(gw):
+    deep = gw.infer(b"[" * 100_000 + b"]" * 100_000, {"Content-Type": "application/json"})
+    assert deep.status == 400 and "deeply" in deep.detail, deep
+    long = gw.infer({"prompt": "a" * (MAX_PROMPT_CHARS + 1)})
+    assert long.status == 422 and long.detail.startswith("prompt:") and str(MAX_PROMPT_CHARS) in long.detail, long
+
+
+def test_slots_queue_briefly_then_refuse():
+    async def scenario():
+        slots = Slots(limit=1, queue=1, wait_s=0.5)
+        assert await slots.acquire()
+        waiter = asyncio.create_task(slots.acquire())  # queues
+        await asyncio.sleep(0.05)
+        assert not await slots.acquire(), "the queue holds one: a third is refused at once"
+        await slots.release()
+        assert await waiter, "a freed slot goes to the one waiting"
+        start = time.monotonic()
+        assert not await slots.acquire()  # waits its 0.5 s, then gives up
+        assert 0.4 < time.monotonic() - start < 2
+        await slots.release()
+        assert slots.in_use == 0 and slots.waiting == 0
+
+    asyncio.run(scenario())
