@@ -6,7 +6,7 @@
 Options left out are not sent, so the server's defaults apply (1024x1024, seed 0, the checkpoint's
 steps and guidance). The server judges every value; a bad one (an unsupported size, steps out of range,
 too many or undecodable references) comes back as its message on stderr and exit status 2. Exit status 1:
-the server could not be reached (after waiting --wait seconds for it, 60 by default, saying so on
+the server could not be reached (after waiting --wait seconds for it, 180 by default, saying so on
 stderr every few seconds), timed out or failed. 0: the image was written; stdout gets one line,
 "<path>\t<seconds> s", the seconds being the request's round trip.
 """
@@ -21,8 +21,8 @@ import time
 from flux2_klein import contract as api
 from flux2_klein.sizes import DEFAULT_SIZE, MAX_REFERENCES, size_names
 
-# Long enough for `serve` of the CPU demo to load its models (26-37 s on 2 CPUs).
-DEFAULT_WAIT_S = 60.0
+# `serve` of the CPU demo loads its models in 26-37 s on 2 idle CPUs, over 120 s on a busy machine.
+DEFAULT_WAIT_S = 180.0
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 
 

@@ -281,14 +281,19 @@ class Flux2KleinClient:
         except GenerationError:
             return False
 
-    def _not_ready_reason(self) -> str:
-        """Why the model can't take a request now ("" when it can)."""
+    def _not_ready_reason(self) -> tuple[str, str]:
+        """(short, full) reasons why the model can't take a request now; ("", "") when it can."""
         try:
             if self._call(self._client.is_model_ready, self.model, **self._kw()):
-                return ""
+                return "", ""
         except GenerationError as e:
-            return e.message
-        return f"Triton at {self.url} answers but {self.model} is not ready yet"
+            if e.status == UNAVAILABLE and e.message.startswith("cannot reach"):
+                # Triton opens its ports only after loading every model: refused connections are the norm.
+                return f"nothing listens at {self.url} yet (Triton opens its ports once its models are loaded)", \
+                    e.message
+            return e.message, e.message
+        why = f"Triton at {self.url} answers but {self.model} is not ready yet"
+        return why, why
 
     def wait_until_ready(self, timeout_s: float, on_wait: Callable[[float, str], None] | None = None, *,
                          report_every_s: float = _READY_REPORT_S) -> None:
@@ -298,12 +303,12 @@ class Flux2KleinClient:
         start = time.monotonic()
         next_report = start + report_every_s
         while True:
-            why = self._not_ready_reason()
+            why, full = self._not_ready_reason()
             if not why:
                 return
             now = time.monotonic()
             if now - start >= timeout_s:
-                raise GenerationError(UNAVAILABLE, f"not ready after waiting {timeout_s:g} s: {why}")
+                raise GenerationError(UNAVAILABLE, f"not ready after waiting {timeout_s:g} s: {full}")
             if now >= next_report:
                 next_report = now + report_every_s
                 if on_wait is not None:

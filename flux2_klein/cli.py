@@ -92,14 +92,29 @@ def _build(args) -> int:
         if args.dry_run:
             if args.runtime != "tensorrt":
                 raise ValueError("dry-run: only --runtime tensorrt has a build plan to show")
-            print(describe_plan(_geometry(args), Path(args.out), work, args.precision, args.opt_level))
+            print(describe_plan(_geometry(args), Path(args.out), work, args.precision or "fp8", args.opt_level))
             return 0
-        build_repository(args.checkpoint, args.out, runtime="tensorrt", precision=args.precision, work=work,
-                         opt_level=args.opt_level)
+        build_repository(args.checkpoint, args.out, runtime="tensorrt", precision=args.precision or "fp8",
+                         work=work, opt_level=args.opt_level, batching=_batching(args), guardrail=_guardrail(args))
         return 0
+    torch_only = {"fp8_text_encoder": args.fp8_text_encoder, "warm_sizes": args.warm_sizes} \
+        if args.runtime == "torch" else {}
     build_repository(args.checkpoint, args.out, runtime=args.runtime, dtype=args.dtype,
-                     onnx_dir=args.onnx or None, device=args.device, compile=args.compile)
+                     onnx_dir=args.onnx or None, device=args.device, compile=args.compile,
+                     precision=args.precision, batching=_batching(args), guardrail=_guardrail(args), **torch_only)
     return 0
+
+
+def _guardrail(args):
+    from .guardrail import load_settings
+
+    return load_settings(args.guardrail or None)  # the file, else FLUX2_KLEIN_GUARDRAIL*, else the defaults
+
+
+def _batching(args):
+    from .triton_config import Batching
+
+    return Batching(max_requests=args.max_batch, max_dit_rows=2 * args.max_batch, queue_delay_us=args.batch_delay_us)
 
 
 def _serve(args) -> int:
@@ -172,8 +187,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compile", nargs="?", const="default", default="",
                    choices=("default", "max-autotune-no-cudagraphs"),
                    help="torch: run the leaves under torch.compile (optionally a mode)")
-    b.add_argument("--precision", choices=PRECISIONS, default="fp8",
-                   help="tensorrt: the DiT's GEMMs in FP8 or BF16 (default fp8)")
+    b.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="tensorrt, torch on a GPU: the DiT's GEMMs in FP8 or BF16 (default fp8 on tensorrt, "
+                        "bf16 on torch)")
+    b.add_argument("--fp8-text-encoder", action="store_true", help="torch on a GPU: the text encoder's GEMMs in FP8 too")
+    b.add_argument("--warm-sizes", default=None, metavar="all|WxH,...",
+                   help="torch: sizes each leaf runs once while loading, so no request pays for a compile "
+                        "(default: all when compiling on a GPU, 1024x1024 on a GPU, none on a CPU)")
+    b.add_argument("--guardrail", default="", metavar="FILE",
+                   help="guardrail settings, JSON or TOML (docs/GUARDRAIL.md; default: FLUX2_KLEIN_GUARDRAIL* "
+                        "variables, else the prompt check with the shipped blocklist)")
+    b.add_argument("--max-batch", type=int, default=4, metavar="N",
+                   help="requests of one shape the sampler runs as one denoising loop (default 4)")
+    b.add_argument("--batch-delay-us", type=int, default=0, metavar="US",
+                   help="how long a request may wait for others to batch with (default 0: only those queued)")
     b.add_argument("--work", default="", help="tensorrt: folder for ONNX graphs and the timing cache "
                                               "(default: REPO.work beside the repository)")
     b.add_argument("--opt-level", type=int, default=None, help="tensorrt: builder optimization level (default 3)")

@@ -45,12 +45,16 @@ INPUTS = (
     ApiTensor("num_inference_steps", "int32", (1,), optional=True),
     ApiTensor("guidance_scale", "float32", (1,), optional=True),
     ApiTensor("reference_images", "bytes", ("n",), optional=True),
+    # NIM's field: skip the guardrail's image checks for this request, honoured only where the operator
+    # allows it (docs/GUARDRAIL.md); the prompt check always runs.
+    ApiTensor("disable_safety_checker", "bool", (1,), optional=True),
 )
 OUTPUT = ApiTensor("image", "uint8", ("height", "width", 3))
 INPUT_NAMES = tuple(t.name for t in INPUTS)
 
 # KServe's names for the dtypes above, as requests carry them.
-DATATYPES = {"bytes": "BYTES", "int32": "INT32", "int64": "INT64", "float32": "FP32", "uint8": "UINT8"}
+DATATYPES = {"bytes": "BYTES", "int32": "INT32", "int64": "INT64", "float32": "FP32", "uint8": "UINT8",
+             "bool": "BOOL"}
 
 MIN_STEPS, MAX_STEPS = 1, 100
 DEFAULT_SEED = 0

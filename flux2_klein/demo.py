@@ -22,7 +22,8 @@ SIZE = (1024, 1024)
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 OTHER_PROMPT = "a red fox in the snow, photograph"
 THUMB = 320  # pixels a side of each picture on the sheet
-CAPTION = 74  # pixels of text under each
+CAPTION = 88  # pixels of text under each
+DIFF_GAIN = 4  # the difference maps' brightness: |difference| x 4, so small changes show
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,10 @@ class DemoRequest:
     changed: str = ""  # what differs from the first request
 
     def label(self) -> list[str]:
+        import textwrap
+
         ref = f", reference {Path(self.references[0]).name}" if self.references else ""
-        return [f"{self.name}: seed {self.seed}{ref}", f"prompt: {self.prompt[:44]}"]
+        return [f"{self.name}: seed {self.seed}{ref}", *textwrap.wrap(f"prompt: {self.prompt}", 48)[:2]]
 
 
 def requests(reference: Path) -> list[DemoRequest]:
@@ -75,29 +78,36 @@ def _tile(image: np.ndarray, lines: list[str]):
 
 
 def contact_sheet(results: list[tuple[DemoRequest, np.ndarray]], reference: Path, path: Path) -> Path:
-    """One PNG: the reference input, then each request's image with its settings and how far it is
-    from the first image (mean absolute difference per channel value, 0..255)."""
+    """One PNG. Top row: the reference input, then each request's image with its settings. Bottom row:
+    under each later request, where its image differs from the first (|difference| x DIFF_GAIN, and the
+    mean absolute difference per channel value, 0..255)."""
     from PIL import Image, ImageDraw
 
     first = results[0][1].astype(np.int16)
-    tiles = [_tile(np.asarray(Image.open(reference).convert("RGB")), ["input: the reference of request 4",
-                                                                      "(drawn by the demo)"])]
+    top = [_tile(np.asarray(Image.open(reference).convert("RGB")), ["input: the reference of request 4",
+                                                                    "(drawn by the demo)"])]
+    bottom = [None, None]
     for req, image in results:
-        lines = req.label()
+        top.append(_tile(image, req.label()))
         if req.changed:
-            diff = float(np.abs(image.astype(np.int16) - first).mean())
-            lines.append(f"{req.changed} changed: mean |diff| vs 1 = {diff:.1f}")
-        else:
-            lines.append("the first request")
-        tiles.append(_tile(image, lines))
+            diff = np.abs(image.astype(np.int16) - first)
+            shown = np.clip(diff * DIFF_GAIN, 0, 255).astype(np.uint8)
+            bottom.append(_tile(shown, [f"{req.name} vs 1: only the {req.changed} changed",
+                                        f"mean |difference| {float(diff.mean()):.1f} of 255",
+                                        f"(black: equal; shown x{DIFF_GAIN})"]))
     header = 44
-    sheet = Image.new("RGB", (THUMB * len(tiles), THUMB + CAPTION + header), "white")
-    ImageDraw.Draw(sheet).text(
-        (6, 6), "flux2-klein demo, tiny random checkpoint: every image is noise by design (random weights).\n"
-                "Each change of prompt, seed or reference changes the noise: the inputs reach the networks.",
-        fill="black")
-    for i, tile in enumerate(tiles):
+    row = THUMB + CAPTION
+    sheet = Image.new("RGB", (THUMB * len(top), header + 2 * row), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((6, 6), "flux2-klein demo, tiny random checkpoint: every image is noise by design (random weights).\n"
+                      "Each change of prompt, seed or reference changes the noise (bottom row): the inputs reach "
+                      "the networks.", fill="black")
+    draw.text((6, header + row + 6), "differences from\nrequest 1 ->", fill="black")
+    for i, tile in enumerate(top):
         sheet.paste(tile, (THUMB * i, header))
+    for i, tile in enumerate(bottom):
+        if tile is not None:
+            sheet.paste(tile, (THUMB * i, header + row))
     sheet.save(path)
     return path
 

@@ -25,6 +25,7 @@ from .progress import log, step
 from .specs import NETWORKS, network_specs
 from .triton_config import (
     ENSEMBLE, GPU_INSTANCES, Batching, Instances, ensemble_config, leaf_config, preprocess_config, sampler_config,
+    with_boundary,
 )
 
 GLUE = {"preprocess": "preprocess.py", "sampler": "sampler.py", "onnxruntime": "onnxruntime_leaf.py",
@@ -110,7 +111,7 @@ def build_repository(checkpoint: str | Path, out: str | Path, *, runtime: str = 
                      instances: Instances | None = None, device: str | None = None,
                      compile: bool | str = False, precision: str | None = None, work: str | Path | None = None,
                      opt_level: int | None = None, batching: Batching | None = None,
-                     fp8_text_encoder: bool = False, warm_sizes: str | None = None) -> Path:
+                     fp8_text_encoder: bool = False, warm_sizes: str | None = None, guardrail=None) -> Path:
     """Assemble REPO from a checkpoint; `onnx_dir` reuses graphs `export onnx` already wrote.
 
     device: "cpu" or "gpu" sets where the models' instances run (default: `instances.kind`, KIND_CPU);
@@ -121,11 +122,16 @@ def build_repository(checkpoint: str | Path, out: str | Path, *, runtime: str = 
       becomes its default once measured within what `export fp8` accepts); fp8_text_encoder: torch only.
     warm_sizes: torch only; the sizes every leaf runs once at load ("", "all", "WxH,..."; default "all"
       when compiling on a GPU, "1024x1024" on a GPU otherwise, "" on a CPU).
+    guardrail: flux2_klein.guardrail.GuardrailSettings (default: the prompt check with the shipped list);
+      an image classifier adds the `safety` model as the ensemble's last step.
     batching: how the sampler batches concurrent requests (default Batching(); on TensorRT the DiT's rows
       are capped at its engine's profile maximum).
     work, opt_level: tensorrt runtime only (see tensorrt_build.py): the folder for ONNX graphs and the
       timing cache (default REPO.work), the builder optimization level.
     """
+    if runtime == "tensorrt" and onnx_dir is not None:
+        raise ValueError("onnx: the tensorrt runtime exports its own graphs (bf16/<network>, fp8/transformer) "
+                         "into its work folder; pass a folder of that layout as work, not as onnx")
     if runtime == "tensorrt":
         from .export.engines import current_target
         from .tensorrt_build import export_graphs, tensorrt_leaf_writer
@@ -156,12 +162,15 @@ def build_repository(checkpoint: str | Path, out: str | Path, *, runtime: str = 
         raise ValueError(f"warm_sizes: only the torch runtime warms its leaves; this build's runtime is {runtime}")
 
     ckpt = load_checkpoint(checkpoint)
-    specs = network_specs(ckpt)
     instances = instances or (GPU_INSTANCES if device == "gpu" else Instances())
     if device is not None:
         instances = dataclasses.replace(instances, kind=DEVICES[device])
     gpu = instances.kind == DEVICES["gpu"]
     dtype = dtype or ("bf16" if runtime == "torch" and gpu else "fp32")
+    # Leaves that compute in bf16 hand each other bf16 (triton_config.BF16_BOUNDARY); engines and graphs
+    # keep the float32 boundary of their export.
+    boundary = "bfloat16" if runtime == "torch" and dtype == "bf16" else "float32"
+    specs = with_boundary(network_specs(ckpt), boundary)
     batching = batching or Batching()
     if runtime == "tensorrt":  # an engine takes no more rows than its profiles' maximum
         engine_rows = max(p.dims["batch"][2] for p in specs["transformer"].profiles)
@@ -191,16 +200,22 @@ def build_repository(checkpoint: str | Path, out: str | Path, *, runtime: str = 
         _write_model(repo, "sampler",
                      sampler_config(specs["text_encoder"], specs["vae_decoder"], instances, batching,
                                     {"scheduler_config": json.dumps(ckpt.scheduler),
+                                     "dit_dtype": "bf16" if boundary == "bfloat16" else "fp32",
                                      "channels": str(ckpt.latent_channels)}),
                      _glue("sampler"))
-        _write_model(repo, ENSEMBLE, ensemble_config(specs))
+        from .guardrail.repository import write as write_guardrail
+        from .guardrail.settings import GuardrailSettings
+
+        guardrail = guardrail or GuardrailSettings()
+        safety = write_guardrail(repo, guardrail, instances=instances.vae_decoder, kind=instances.kind)
+        _write_model(repo, ENSEMBLE, ensemble_config(specs, safety))
 
     manifest = {
         "checkpoint": str(Path(checkpoint).resolve()), "runtime": runtime, "dtype": dtype,
         **({"precision": precision or "fp8"} if runtime == "tensorrt" else {}),
         **({"precision": "fp8" if fp8 else "bf16", "fp8": list(fp8)} if runtime == "torch" else {}),
         "device": "gpu" if gpu else "cpu", "is_distilled": ckpt.is_distilled, "sources": sources,
-        "batching": dataclasses.asdict(batching),
+        "batching": dataclasses.asdict(batching), "guardrail": guardrail.to_dict(), "boundary": boundary,
     }
     (repo / "build.json").write_text(json.dumps(manifest, indent=1))
     log.info("repository ready: %s", repo)

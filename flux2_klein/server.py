@@ -25,7 +25,8 @@ from pathlib import Path
 from .contract import MODEL_NAME
 from .progress import log
 from .watchdog import (
-    RestartBudget, StubWatch, clean_stale_shm, drain, kill_group, new_admin_key, restriction_args, stub_pids,
+    RestartBudget, StubWatch, clean_stale_shm, drain, kill_group, kill_orphan_stubs, new_admin_key, restriction_args,
+    stub_pids,
 )
 
 # Shared memory between Triton and each Python model (one region per instance, in /dev/shm, which
@@ -138,6 +139,15 @@ def wait_ready(http_port: int, process: subprocess.Popen | None = None, timeout_
     return False
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the process that started it dies (Linux prctl), so a `serve`
+    killed with SIGKILL leaves no server behind; its stubs are then `kill_orphan_stubs`' business."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class TritonNotReady(RuntimeError):
     """tritonserver exited while loading (`exited`) or was not ready in time; the message ends with its log."""
 
@@ -168,7 +178,7 @@ class TritonProcess:
                  path: Sequence[str | Path] = (), library_path: Sequence[str | Path] = (),
                  log_path: str | Path | None = None, cwd: str | Path | None = None,
                  install: TritonInstall | None = None, new_session: bool = False, address: str = "127.0.0.1",
-                 metrics_address: str | None = None, admin_key: str | None = None):
+                 metrics_address: str | None = None, admin_key: str | None = None, die_with_parent: bool = False):
         self.repository = Path(repository).resolve()
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
@@ -181,6 +191,7 @@ class TritonProcess:
         self._install = install
         self.address, self.metrics_address = address, metrics_address
         self.admin_key = admin_key or new_admin_key()
+        self.die_with_parent = die_with_parent
         self.process: subprocess.Popen | None = None
         self._log = None
 
@@ -210,11 +221,11 @@ class TritonProcess:
 
     @property
     def grpc_url(self) -> str:
-        return f"localhost:{self.grpc_port}"
+        return f"127.0.0.1:{self.grpc_port}"  # Triton binds IPv4 loopback; localhost may mean ::1 first
 
     @property
     def http_url(self) -> str:
-        return f"localhost:{self.http_port}"
+        return f"127.0.0.1:{self.http_port}"
 
     def url(self, protocol: str) -> str:
         return self.grpc_url if protocol == "grpc" else self.http_url
@@ -228,7 +239,8 @@ class TritonProcess:
         out = self._log if self._log is not None else None
         self.process = subprocess.Popen(self.command(), env=self.environment(), cwd=self.cwd, stdout=out,
                                         stderr=subprocess.STDOUT if out is not None else None,
-                                        start_new_session=self.new_session)
+                                        start_new_session=self.new_session,
+                                        preexec_fn=_die_with_parent if self.die_with_parent else None)
         return self
 
     def wait_ready(self, timeout_s: float = 600) -> None:
@@ -340,11 +352,13 @@ def serve(repository: str | Path, http_port: int = 8000, grpc_port: int = 8001, 
                 for s in (signal.SIGTERM, signal.SIGINT)}
     server = None
     try:
+        kill_orphan_stubs(repository)  # of a server killed with `serve` itself (SIGKILL, OOM killer)
         clean_stale_shm()  # those of servers killed before we started
         while True:
             # A session of its own: its stubs share its process group, so one killpg takes them all.
             server = TritonProcess(repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                                   extra_args=extra, address=address, new_session=True).start()
+                                   extra_args=extra, address=address, new_session=True,
+                                   die_with_parent=True).start()
             started, watch, problem = time.monotonic(), None, None
             while problem is None:
                 if stop_signal:

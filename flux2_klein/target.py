@@ -48,9 +48,12 @@ def gpu_facts(nvidia_smi: str | None = "", timeout_s: float = 30) -> tuple[str, 
 
 
 def tensorrt_version() -> str:
-    """The version of the `tensorrt` module that builds the engines; "none" where it does not import."""
+    """The version of the TensorRT module that builds the engines (`tensorrt`, or the bindings wheel's
+    `tensorrt_bindings`, as export.trt_build.import_trt finds it); "none" where none imports."""
+    from .export.trt_build import import_trt
+
     try:
-        import tensorrt
+        tensorrt = import_trt()
     except Exception:  # absent, or its libraries are: either way no engine can be built here
         return "none"
     return str(getattr(tensorrt, "__version__", "unknown"))

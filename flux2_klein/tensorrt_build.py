@@ -11,12 +11,12 @@ import json
 from pathlib import Path
 
 from .checkpoint import Checkpoint
+from .contract import PRECISIONS
 from .export.graph_checks import activation_estimate, instance_estimate
 from .progress import log, step
 from .specs import NETWORKS, NetworkSpec, network_specs
 from .triton_config import Instances, plan_config
 
-PRECISIONS = ("fp8", "bf16")
 
 
 def network_precision(network: str, precision: str) -> str:

@@ -6,6 +6,7 @@ the ensemble wires them by name. Output is protobuf text format, which Triton re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -44,8 +45,32 @@ SAMPLER_INPUTS = (
 # References differ in size from request to request: the batcher may still put them in one execute()
 # (the sampler groups by shape itself).
 RAGGED = ("reference_pixels", "reference_shapes")
+# preprocess's word to the guardrail's output check (the safety model, when the repository has one).
+CHECK_OUTPUT = Tensor("check_output", "bool", (1,))
+SAFETY_MODEL = "safety"
 # The network that takes the sampler's output; its input gets the batch dimension back (see leaf_inputs).
 SAMPLER_CONSUMER = "vae_decoder"
+
+
+# The big float tensors between models that compute in bf16: the prompt embedding (text encoder -> sampler ->
+# DiT, 512 x 7680 values, also what the response cache copies to the host) and the DiT's token states. They
+# cross in bf16 when the leaves compute in bf16 anyway; the Euler steps stay float32 in the sampler, and the
+# CPU parity path (fp32 leaves) keeps every boundary float32.
+BF16_BOUNDARY = {"text_encoder": ("prompt_embeds",),
+                 "transformer": ("hidden_states", "encoder_hidden_states", "velocity")}
+
+
+def with_boundary(specs: dict[str, NetworkSpec], dtype: str) -> dict[str, NetworkSpec]:
+    """`specs` with BF16_BOUNDARY's tensors in `dtype` ("float32" leaves them as they are)."""
+    if dtype == "float32":
+        return specs
+
+    def retype(spec: NetworkSpec, tensors):
+        names = BF16_BOUNDARY.get(spec.name, ())
+        return tuple(dataclasses.replace(t, dtype=dtype) if t.name in names else t for t in tensors)
+
+    return {name: dataclasses.replace(spec, inputs=retype(spec, spec.inputs), outputs=retype(spec, spec.outputs))
+            for name, spec in specs.items()}
 
 
 @dataclass(frozen=True)
@@ -148,7 +173,7 @@ def preprocess_config(text_encoder: NetworkSpec, instances: Instances, params: d
     inputs = [t for t, _ in API_INPUTS]
     optional = tuple(t.name for t, opt in API_INPUTS if opt)
     # Host work (tokenizing, decoding images) whatever the leaves run on.
-    outputs = list(text_encoder.inputs) + [_with_batch(t) for t in SAMPLER_INPUTS]
+    outputs = list(text_encoder.inputs) + [_with_batch(t) for t in SAMPLER_INPUTS] + [CHECK_OUTPUT]
     return python_model("preprocess", inputs, outputs,
                         instances=instances.preprocess, kind="KIND_CPU", optional=optional, params=params)
 
@@ -167,9 +192,13 @@ def sampler_config(text_encoder: NetworkSpec, vae_decoder: NetworkSpec, instance
                         ragged=RAGGED, extra=delay)
 
 
-def ensemble_config(specs: dict[str, NetworkSpec]) -> str:
+def ensemble_config(specs: dict[str, NetworkSpec], safety: bool = False) -> str:
+    """preprocess -> text_encoder -> sampler -> vae_decoder, and with `safety` the guardrail's output-image
+    check (flux2_klein/guardrail) as the last step."""
     te, dec = specs["text_encoder"], specs["vae_decoder"]
-    internal = {t.name: f"request_{t.name}" for t in SAMPLER_INPUTS}
+    # preprocess's check_output reaches the ensemble only when a safety step reads it (an unused ensemble
+    # tensor fails the model's load).
+    internal = {t.name: f"request_{t.name}" for t in (*SAMPLER_INPUTS, *((CHECK_OUTPUT,) if safety else ()))}
 
     def step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> str:
         ins = " ".join(f'input_map {{ key: "{k}" value: "{v}" }}' for k, v in inputs.items())
@@ -180,10 +209,14 @@ def ensemble_config(specs: dict[str, NetworkSpec]) -> str:
         step("preprocess", {t.name: t.name for t, _ in API_INPUTS},
              {**{t.name: t.name for t in te.inputs}, **internal}),
         step("text_encoder", {t.name: t.name for t in te.inputs}, {t.name: t.name for t in te.outputs}),
-        step("sampler", {**{t.name: t.name for t in te.outputs}, **internal},
+        step("sampler", {**{t.name: t.name for t in te.outputs}, **{t.name: internal[t.name] for t in SAMPLER_INPUTS}},
              {t.name: t.name for t in dec.inputs}),
-        step("vae_decoder", {t.name: t.name for t in dec.inputs}, {dec.outputs[0].name: API_OUTPUT.name}),
+        step("vae_decoder", {t.name: t.name for t in dec.inputs},
+             {dec.outputs[0].name: "decoded_image" if safety else API_OUTPUT.name}),
     ]
+    if safety:
+        steps.append(step(SAFETY_MODEL, {"image": "decoded_image", CHECK_OUTPUT.name: internal[CHECK_OUTPUT.name]},
+                          {"image": API_OUTPUT.name}))
     optional = tuple(t.name for t, opt in API_INPUTS if opt)
     return "\n".join([
         f'name: "{ENSEMBLE}"', 'platform: "ensemble"', "max_batch_size: 0",
@@ -209,6 +242,9 @@ def plan_config(spec: NetworkSpec, instances: Instances) -> str:
         leaf_inputs(spec), _io("output", spec.outputs),
         f"instance_group [ {{ count: {count} kind: KIND_GPU profile: [ {profiles} ] }} ]",
         f"optimization {{ cuda {{ graphs: true graph_spec [ {{ {graph_inputs} }} ] }} }}",
+        # Each profile gets an execution context; by default each would hold memory for the largest shape
+        # of all profiles (the DiT's multi-reference maximum, three times over). Allocate on a profile change.
+        _params({"execution_context_allocation_strategy": "ON_PROFILE_CHANGE"}),
     ]
     if spec.name == "text_encoder":
         parts.append("response_cache { enable: true }")

@@ -3,10 +3,13 @@
 import json
 import os
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from flux2_klein.contract import INPUT_NAMES, Defaults
 from flux2_klein import sampler_io
+from flux2_klein.contract import INPUT_NAMES, Defaults
+from flux2_klein.guardrail import ContentFiltered
+from flux2_klein.guardrail.triton import TritonGuardrail, filtered_response
 from flux2_klein.request import InvalidInput, PromptTokenizer, parse_request
 from flux2_klein.sampling import use_cfg
 from flux2_klein.triton_tensors import error_response, get_numpy, params, to_triton
@@ -19,20 +22,28 @@ class TritonPythonModel:
         self.defaults = Defaults.for_checkpoint(self.is_distilled)
         self.tokenizer = PromptTokenizer(os.path.join(args["model_repository"], args["model_version"], "tokenizer"))
         self.negative = self.tokenizer.encode("")  # klein's negative prompt is always "": tokenized once
+        self.guard = TritonGuardrail(args, stages=("prompt", "reference"))
 
     def _outputs(self, request):
-        req = parse_request({name: get_numpy(request, name) for name in INPUT_NAMES}, self.defaults)
+        inputs = {name: get_numpy(request, name) for name in INPUT_NAMES}
+        req = parse_request(inputs, self.defaults)
+        disable = inputs["disable_safety_checker"] is not None and bool(inputs["disable_safety_checker"].reshape(-1)[0])
+        # Before any GPU work: a refused prompt or reference costs no text encoder or DiT time.
+        check_output = self.guard.check_request(request, req.prompt, req.references, disable)
         ids, mask = self.tokenizer.encode(req.prompt)
         guided = use_cfg(self.is_distilled, req.guidance_scale)
         message = sampler_io.pack(req, guided, self.negative)
         return [to_triton("input_ids", ids), to_triton("attention_mask", mask),
-                *(to_triton(name, value) for name, value in message.items())]
+                *(to_triton(name, value) for name, value in message.items()),
+                to_triton("check_output", np.array([check_output]))]
 
     def execute(self, requests):
         responses = []
         for request in requests:
             try:
                 responses.append(pb_utils.InferenceResponse(self._outputs(request)))
+            except ContentFiltered as e:
+                responses.append(filtered_response(e))
             except InvalidInput as e:
                 responses.append(error_response(str(e), invalid_argument=True))
             except Exception as e:  # noqa: BLE001 - answer, log, keep serving

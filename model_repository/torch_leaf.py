@@ -18,6 +18,8 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from flux2_klein.torch_runtime import WarmShapes, load_leaf
+
+OUTPUT_DTYPES = {"TYPE_BF16": torch.bfloat16, "TYPE_FP16": torch.float16}
 from flux2_klein.triton_tensors import error_response, get_input, params, to_triton
 
 
@@ -28,6 +30,8 @@ class TritonPythonModel:
         self.name = config["name"]
         self.inputs = [t["name"] for t in config["input"]]  # the wrapper's argument order (the spec's)
         self.outputs = [t["name"] for t in config["output"]]
+        # The wrappers answer float32 (their export's boundary); a bf16 boundary is declared in the config.
+        self.output_dtypes = [OUTPUT_DTYPES.get(t["data_type"]) for t in config["output"]]
         gpu = args["model_instance_kind"] == "GPU"
         self.device = torch.device(f"cuda:{args['model_instance_device_id']}" if gpu else "cpu")
         # Triton caches only responses whose tensors are all in host memory: a cached model (the text
@@ -51,6 +55,7 @@ class TritonPythonModel:
             args = [get_input(request, n).to(self.device) for n in self.inputs]
             result = self.module(*args)
             results = result if isinstance(result, tuple) else (result,)
+            results = tuple(r if d is None else r.to(d) for r, d in zip(results, self.output_dtypes))
             if self.host_outputs:
                 results = tuple(r.cpu() for r in results)
         # to_triton waits for this stream's kernels before a GPU tensor leaves the process.

@@ -29,6 +29,7 @@ from flux2_klein.container.cache import (
 from flux2_klein.container.profile import checkpoint_fingerprint, profile_components, profile_key
 from flux2_klein.container.settings import ENV_VARS, ConfigError, Settings
 from flux2_klein.container.supervisor import Child, Supervisor, server_children
+from flux2_klein.server import free_port
 from flux2_klein.target import Target, gpu_facts, tensorrt_version
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,8 +61,9 @@ class FakeBuilder:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, checkpoint, out, *, runtime, precision, onnx_dir=None):
-        self.calls.append({"checkpoint": checkpoint, "out": out, "runtime": runtime, "precision": precision})
+    def __call__(self, checkpoint, out, *, runtime, precision, onnx_dir=None, work=None):
+        self.calls.append({"checkpoint": checkpoint, "out": out, "runtime": runtime, "precision": precision,
+                           "work": work})
         (out / "flux2_klein").mkdir(parents=True)
         (out / "flux2_klein" / "config.pbtxt").write_text('name: "flux2_klein"\n')
         (out / "build.json").write_text(json.dumps({"runtime": runtime}))
@@ -148,11 +150,26 @@ def test_gpu_facts_without_and_with_nvidia_smi(tmp_path):
 
 
 def test_tensorrt_version_absent_and_present(monkeypatch):
+    monkeypatch.delenv("FLUX2_KLEIN_TENSORRT", raising=False)
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import raises ImportError
     assert tensorrt_version() == "none"
     monkeypatch.setitem(sys.modules, "tensorrt", type(sys)("tensorrt"))
     sys.modules["tensorrt"].__version__ = "10.13.3.9"
     assert tensorrt_version() == "10.13.3.9"
+    # Only the bindings wheel installed: its module counts (issue 12.1).
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setitem(sys.modules, "tensorrt_bindings", type(sys)("tensorrt_bindings"))
+    sys.modules["tensorrt_bindings"].__version__ = "10.13.3.9"
+    assert tensorrt_version() == "10.13.3.9"
+
+
+def test_tensorrt_code_invalidates_the_cache_and_onnx_dir_is_refused_for_tensorrt(tmp_path):
+    from flux2_klein.container.profile import CODE_FILES, CODE_PACKAGES
+
+    assert "tensorrt_build.py" in CODE_FILES and "flux2_klein.export" in CODE_PACKAGES
+    with pytest.raises(ConfigError, match="FLUX2_KLEIN_ONNX_DIR.*onnxruntime"):
+        Settings.from_env({"FLUX2_KLEIN_RUNTIME": "tensorrt", "FLUX2_KLEIN_ONNX_DIR": str(tmp_path)})
+    assert Settings.from_env({"FLUX2_KLEIN_RUNTIME": "onnxruntime", "FLUX2_KLEIN_ONNX_DIR": str(tmp_path)}).onnx_dir
 
 
 def test_settings_from_env_defaults_and_errors():
@@ -245,26 +262,31 @@ def test_an_interrupted_build_is_discarded_and_rebuilt(light_ckpt, tmp_path):
 
     def crashed(checkpoint, out, **kw):
         (out / "flux2_klein").mkdir(parents=True)
+        kw["work"].mkdir(parents=True)
+        (kw["work"] / "fp8_scales.json").write_text("{}")  # an hour of export and calibration, done
         raise RuntimeError("out of GPU memory")
 
     with pytest.raises(RuntimeError):
         prepare(_settings(light_ckpt, cache), target=H100, builder=crashed)
     assert not any(cache.rglob("repository")) and not _leftovers(cache)
+    (work,) = (cache / "work").iterdir()
+    assert (work / "fp8_scales.json").is_file(), "a failed build keeps its exports in the cache volume"
 
     # A SIGKILL (or power cut) leaves a temporary folder behind; the next start removes it and builds.
-    (home,) = [p for p in cache.iterdir() if p.is_dir()]
+    (home,) = [p for p in cache.iterdir() if p.is_dir() and p.name != "work"]
     partial = home / ".building-dead" / "repository"
     (partial / "flux2_klein").mkdir(parents=True)
     (partial / "build.json").write_text("{}")
     repo = prepare(_settings(light_ckpt, cache), target=H100, builder=builder)
     assert len(builder.calls) == 1 and repo == home / "repository"
     assert not (home / ".building-dead").exists() and not _leftovers(cache)
+    assert builder.calls[0]["work"] == work == cache / "work" / home.name, "the next build resumes from it"
 
 
 def test_tensorrt_runtime_without_a_gpu_or_tensorrt_is_a_clear_error(light_ckpt, tmp_path):
     with pytest.raises(ConfigError, match="needs an NVIDIA GPU.*FLUX2_KLEIN_RUNTIME=onnxruntime"):
         prepare(_settings(light_ckpt, tmp_path), target=Target(gpu="cpu", compute_capability="none", tensorrt="none"), builder=FakeBuilder())
-    with pytest.raises(ConfigError, match="import tensorrt"):
+    with pytest.raises(ConfigError, match="neither `tensorrt` nor `tensorrt_bindings` imports"):
         prepare(_settings(light_ckpt, tmp_path), target=Target(gpu="NVIDIA H100", compute_capability="9.0", tensorrt="none"), builder=FakeBuilder())
 
 
@@ -391,6 +413,10 @@ def test_server_children_commands_and_environments(tmp_path, monkeypatch):
     assert f"--model-repository={tmp_path / 'repo'}" in triton.argv
     assert {"--http-port=8003", "--grpc-port=8001", "--metrics-port=8002", "--http-address=127.0.0.1",
             "--grpc-address=127.0.0.1"} <= set(triton.argv)
+    # Metrics where the PodMonitor and the autoscaler scrape them (issue 11.6); the admin APIs keyed.
+    assert "--metrics-address=0.0.0.0" in triton.argv and triton.restartable and triton.drain is not None
+    assert any(a.startswith("--http-restricted-api=shared-memory,model-repository,trace,logging:")
+               for a in triton.argv)
 
 
 def test_healthcheck_asks_the_gateway(monkeypatch):
@@ -609,3 +635,46 @@ def test_k8s_manifests_fit_together():
     assert rule["name"]["as"] == metric["pods"]["metric"]["name"]
     assert "nv_inference_queue_duration_us" in rule["seriesQuery"] and "nv_inference_queue_duration_us" in rule["metricsQuery"]
     assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+
+
+FLAKY_TRITON = """
+import http.server, os, sys, threading, time
+starts = sys.argv[1]
+with open(starts, "a") as f:
+    f.write("start\\n")
+class Ready(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers()
+    def log_message(self, *a):
+        pass
+server = http.server.HTTPServer(("127.0.0.1", int(sys.argv[2])), Ready)
+server.allow_reuse_address = True
+threading.Thread(target=server.serve_forever, daemon=True).start()
+time.sleep(3 if open(starts).read().count("start") == 1 else 60)  # the first one dies once ready
+os._exit(9)
+"""
+
+
+def test_tritonserver_dying_after_ready_is_restarted_within_a_budget(tmp_path):
+    """Issue 11.1: a tritonserver that dies once ready is started again (bounded, logged), not fatal."""
+    from flux2_klein.watchdog import RestartBudget
+
+    script, starts, port = tmp_path / "flaky.py", tmp_path / "starts", free_port()
+    script.write_text(FLAKY_TRITON)
+    triton = Child("tritonserver", [sys.executable, str(script), str(starts), str(port)],
+                   ready_url=f"http://127.0.0.1:{port}/", restartable=True)
+    children = [triton, Child("gateway", SLEEPER)]
+    sup = Supervisor(children, stop_timeout=10, poll_s=0.05, budget=RestartBudget(limit=3, window_s=60))
+
+    def interrupt_after_restart():
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (starts.exists() and starts.read_text().count("start") >= 2):
+            time.sleep(0.05)
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    t = threading.Thread(target=interrupt_after_restart, daemon=True)
+    t.start()
+    assert sup.run() == 0, "restarted, then stopped on request"
+    t.join()
+    assert starts.read_text().count("start") == 2 and len(sup.budget.times) == 1

@@ -20,7 +20,7 @@ import pytest
 from conftest import ServeCommand
 from flux2_klein.client.triton_client import Flux2KleinClient, GenerationError
 from flux2_klein.server import answers_200
-from flux2_klein.watchdog import SHM_DIR, alive, shm_usage, stub_pids
+from flux2_klein.watchdog import SHM_DIR, alive, stub_pids
 
 SIZE = dict(width=1248, height=832)
 HEAL_S = 240  # a restart of the tiny repository on two shared, loaded cores; the figure printed is the real one
@@ -67,6 +67,19 @@ def _wait_healed(server: ServeCommand, old_triton: int, since: float) -> tuple[f
             return time.monotonic() - since, saw_not_ready
         time.sleep(0.2)
     raise AssertionError(f"not healed within {HEAL_S} s; log:\n{server.log_tail()}")
+
+
+def _our_shm(pids) -> tuple[int, int]:
+    """(regions, bytes in memory) of the /dev/shm regions `pids` map: ours, not other servers' on this machine."""
+    names = set()
+    for pid in pids:
+        try:
+            names |= {line.split("/dev/shm/", 1)[1].split(" ")[0]
+                      for line in Path(f"/proc/{pid}/maps").read_text().splitlines() if "/dev/shm/" in line}
+        except OSError:
+            pass
+    sizes = [(SHM_DIR / n).stat().st_blocks * 512 for n in names if (SHM_DIR / n).exists()]
+    return len(sizes), sum(sizes)
 
 
 def _rss_mb(pids) -> float:
@@ -147,15 +160,19 @@ def _try(server, steps: int = 4) -> bool:
 def test_tritonserver_killed_restarts_without_leftovers(served):
     triton = _triton_pid(served)
     stubs = stub_pids(triton)
-    before = {p.name for p in SHM_DIR.iterdir()}
+    regions = _our_shm([triton, *stubs])
+    names = {line.split("/dev/shm/", 1)[1].split(" ")[0] for pid in [triton, *stubs]
+             for line in Path(f"/proc/{pid}/maps").read_text().splitlines() if "/dev/shm/" in line}
     start = time.monotonic()
     os.kill(triton, signal.SIGKILL)
     seconds, saw_not_ready = _wait_healed(served, triton, start)
     assert saw_not_ready
     assert not any(alive(p) for p in stubs), "stubs of a killed tritonserver stayed alive (orphans)"
+    left = [n for n in names if (SHM_DIR / n).exists()]
+    assert not left, f"the killed server's /dev/shm regions stayed: {left}"
     _generate(served)
-    print(f"\ntritonserver kill -9: restarted and ready in {seconds:.1f} s; its {len(stubs)} stubs gone; "
-          f"/dev/shm regions before {len(before)}")
+    print(f"\ntritonserver kill -9: restarted and ready in {seconds:.1f} s; its {len(stubs)} stubs and "
+          f"{regions[0]} /dev/shm regions ({regions[1] / 1e6:.0f} MB) gone")
 
 
 def test_soak_memory_and_shm(served):
@@ -163,11 +180,11 @@ def test_soak_memory_and_shm(served):
     triton = _triton_pid(served)
     _generate(served)
     pids = [triton, *stub_pids(triton)]
-    rss0, shm0 = _rss_mb(pids), shm_usage()
+    rss0, shm0 = _rss_mb(pids), _our_shm(pids)
     start = time.monotonic()
     for i in range(n):
         _generate(served, seed=i)
-    rss1, shm1 = _rss_mb(pids), shm_usage()
+    rss1, shm1 = _rss_mb(pids), _our_shm(pids)
     print(f"\nsoak {n} requests in {time.monotonic() - start:.0f} s: tritonserver+stubs RSS {rss0:.0f} -> "
           f"{rss1:.0f} MB; /dev/shm regions {shm0[0]} ({shm0[1] / 1e6:.0f} MB) -> {shm1[0]} ({shm1[1] / 1e6:.0f} MB)")
     assert rss1 < rss0 * 1.25 + 100, "memory grows with requests"

@@ -18,9 +18,9 @@ from flux2_klein.request import MAX_PROMPT_CHARS
 NOWHERE = "127.0.0.1:9"  # discard port: nothing answers; none of these requests reach Triton
 
 
-def _stall(port: int, length: int = 1000, sent: bytes = b"{") -> socket.socket:
+def _stall(port: int, length: int = 1000, sent: bytes = b"{", path: bytes = b"/v1/infer") -> socket.socket:
     s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(b"POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    s.sendall(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
               b"Content-Length: %d\r\n\r\n" % length + sent)
     return s
 
@@ -33,7 +33,7 @@ def gw():
 
 
 def test_stalled_uploads_hold_no_slot_and_time_out(gw):
-    stalled = [_stall(gw.port) for _ in range(4)]  # twice the concurrency limit
+    stalled = [_stall(gw.port, path=path) for path in (b"/v1/infer", b"/v1/images/generations") * 2]
     try:
         time.sleep(0.3)
         answer = gw.infer({"prompt": 7})  # a complete request: answered at once, not 429
@@ -42,6 +42,9 @@ def test_stalled_uploads_hold_no_slot_and_time_out(gw):
         stalled[0].settimeout(10)
         reply = stalled[0].recv(4096).decode()
         assert reply.startswith("HTTP/1.1 408") and "body-timeout" in reply, reply
+        stalled[1].settimeout(10)
+        reply = stalled[1].recv(4096).decode()
+        assert reply.startswith("HTTP/1.1 408") and '"error"' in reply, "OpenAI's error shape on /v1/images"
         assert time.monotonic() - start < 5
     finally:
         for s in stalled:
@@ -68,6 +71,8 @@ def test_deep_json_is_400_and_a_huge_prompt_names_the_field(gw):
     assert deep.status == 400 and "deeply" in deep.detail, deep
     long = gw.infer({"prompt": "a" * (MAX_PROMPT_CHARS + 1)})
     assert long.status == 422 and long.detail.startswith("prompt:") and str(MAX_PROMPT_CHARS) in long.detail, long
+    openai = gw.request("POST", "/v1/images/generations", {"prompt": "a" * (MAX_PROMPT_CHARS + 1)})
+    assert openai.status == 400 and str(MAX_PROMPT_CHARS) in openai.json()["error"]["message"], openai
 
 
 def test_slots_queue_briefly_then_refuse():
@@ -86,3 +91,18 @@ def test_slots_queue_briefly_then_refuse():
         assert slots.in_use == 0 and slots.waiting == 0
 
     asyncio.run(scenario())
+
+
+def test_preprocess_refuses_an_oversized_prompt_before_tokenizing():
+    import numpy as np
+
+    from flux2_klein.request import InvalidInput, parse_prompt
+
+    fits = "é" * MAX_PROMPT_CHARS
+    assert parse_prompt(np.array([fits.encode()], dtype=object)) == fits
+    start = time.monotonic()
+    for value in ("a" * (MAX_PROMPT_CHARS + 1), b"a" * (60 << 20)):  # the 60 MiB prompt took 57 s and 10 GB
+        with pytest.raises(InvalidInput) as info:
+            parse_prompt(np.array([value], dtype=object))
+        assert info.value.field == "prompt" and str(MAX_PROMPT_CHARS) in str(info.value)
+    assert time.monotonic() - start < 2

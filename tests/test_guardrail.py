@@ -146,8 +146,9 @@ def test_disable_safety_checker_only_where_allowed_and_prompt_check_off():
     strict = Guardrail(GuardrailSettings())
     assert strict.check_request("loli", disable_requested=True).decision.filtered
     lax = Guardrail(GuardrailSettings(allow_disable_safety_checker=True))
-    v = lax.check_request("loli", disable_requested=True)
+    v = lax.check_request("a lighthouse", disable_requested=True)
     assert v.decision.allowed and not v.check_output
+    assert lax.check_request("loli", disable_requested=True).decision.filtered  # never the prompt check
     assert lax.check_request("loli", disable_requested=False).decision.filtered
     off = Guardrail(GuardrailSettings(prompt_check=False))
     assert off.blocklist is None and off.check_request("loli").decision.allowed

@@ -67,6 +67,13 @@ def test_fused_checkpoint_equals_diffusers_load_and_fuse(tiny_ckpt, loras, tmp_p
     only_b = image(pipeline(fuse_loras(tiny_ckpt, [specs[1]], tmp_path / "only-b")))
     assert np.abs(got.astype(int) - only_b.astype(int)).max() > 20
 
+    # The other components are the original's; the manifest names the LoRAs and their fingerprint.
+    assert (fused / "vae").resolve() == (tiny_ckpt / "vae").resolve()
+    info = manifest(fused)
+    assert info == json.loads((fused / LORA_MANIFEST).read_text())
+    assert info["fingerprint"] == fingerprint(specs) and [x["scale"] for x in info["loras"]] == [0.7, 1.0]
+    assert manifest(tiny_ckpt) is None
+
 
 def test_one_lora_equals_load_lora_weights_and_fuse_lora_with_its_scale(tiny_ckpt, loras, tmp_path):
     oracle = pipeline(tiny_ckpt)
@@ -74,13 +81,6 @@ def test_one_lora_equals_load_lora_weights_and_fuse_lora_with_its_scale(tiny_ckp
     oracle.fuse_lora(lora_scale=0.5)
     got = image(pipeline(fuse_loras(tiny_ckpt, [LoraSpec.parse(f"{loras[0]}:0.5")], tmp_path / "fused")))
     assert np.abs(got.astype(int) - image(oracle).astype(int)).max() <= 2
-
-    # The other components are the original's; the manifest names the LoRAs and their fingerprint.
-    assert (fused / "vae").resolve() == (tiny_ckpt / "vae").resolve()
-    info = manifest(fused)
-    assert info == json.loads((fused / LORA_MANIFEST).read_text())
-    assert info["fingerprint"] == fingerprint(specs) and [x["scale"] for x in info["loras"]] == [0.7, 1.0]
-    assert manifest(tiny_ckpt) is None
 
 
 def test_fingerprint_follows_bytes_scale_and_order(loras):

@@ -187,8 +187,10 @@ def test_the_container_variable_table_matches_the_entrypoint():
     for name, default in entrypoint.items():
         assert name in table, f"README's variable table lacks {name} (the entrypoint's --help has it)"
         assert table[name] == default, f"README: {name} defaults to {table[name]!r}; the entrypoint says {default!r}"
-    for name in table:
+    for name, default in table.items():
         assert name in entrypoint or name in gateway, f"README documents {name}, which nothing reads"
+        if name not in entrypoint and gateway[name]:
+            assert default == gateway[name], f"README: {name} defaults to {default!r}; the gateway says {gateway[name]!r}"
 
 
 def test_the_real_model_config_ships_in_the_package():

@@ -112,3 +112,31 @@ def test_triton_process_environment_and_timeout(tmp_path):
     assert not info.value.exited and time.monotonic() - start < 20, "a live but unready server is stopped"
     assert server.process.returncode is not None
     assert f"CWD={tmp_path / 'work'}" in info.value.log_tail and "PATH=/first:" in info.value.log_tail
+
+
+def test_server_command_binds_loopback_and_keys_the_dangerous_apis(tmp_path):
+    from flux2_klein.server import TritonInstall, TritonProcess
+    from flux2_klein.watchdog import ADMIN_HEADER, RestartBudget
+
+    server = TritonProcess(tmp_path, install=TritonInstall(tmp_path / "tritonserver"))
+    argv = server.command()
+    assert {"--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1",
+            "--model-control-mode=explicit", "--load-model=*"} <= set(argv)
+    apis = "shared-memory,model-repository,trace,logging"
+    assert f"--http-restricted-api={apis}:{ADMIN_HEADER}={server.admin_key}" in argv
+    assert f"--grpc-restricted-protocol={apis}:{ADMIN_HEADER}={server.admin_key}" in argv
+    assert len(server.admin_key) >= 32 and TritonProcess(tmp_path).admin_key != server.admin_key
+    wide = TritonProcess(tmp_path, install=server.install, address="0.0.0.0", metrics_address="0.0.0.0").command()
+    assert "--http-address=0.0.0.0" in wide and "--metrics-address=0.0.0.0" in wide
+
+    budget = RestartBudget(limit=2, window_s=60)
+    assert budget.allow() and budget.allow() and not budget.allow(), "restarts are bounded"
+
+
+def test_serve_prints_a_ready_line(triton_server):
+    text = triton_server.log_path.read_text()
+    line = next(l for l in text.splitlines() if l.startswith("flux2-klein serve: ready in"))
+    assert f"127.0.0.1:{triton_server.grpc_port}" in line and "flux2_klein" in line and "transformer" in line
+    from flux2_klein.target import gpu_facts
+
+    assert ("expected on a CPU-only machine" in line) == (gpu_facts()[0] == "cpu")

@@ -14,9 +14,10 @@ import zipfile
 from pathlib import Path
 
 
+import numpy as np
 import pytest
 
-from conftest import RunningServer
+from conftest import ServeCommand
 from flux2_klein.client.triton_client import Flux2KleinClient
 from flux2_klein.triton_config import Instances
 from test_serving import assert_equal_images, encoded, oracle, pattern
@@ -52,7 +53,7 @@ def torch_repo(tiny_ckpt, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def torch_server(torch_repo, tmp_path_factory):
-    server = RunningServer.start(torch_repo, tmp_path_factory.mktemp("torch-logs"))
+    server = ServeCommand.started(torch_repo, tmp_path_factory.mktemp("torch-logs"))
     yield server
     server.stop()
 
@@ -223,3 +224,115 @@ def test_gpu_bench_check_finds_tritonserver_without_pytritons_client_stack(tmp_p
                         "--work", str(tmp_path / "work")], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "models' environment: python" in r.stdout and "numpy 1." in r.stdout
+
+
+# -- the torch runtime's choices, as far as a CPU can check them (the GPU suite runs them for real) --------------
+
+TINY_FP8_DIT = [  # every GEMM of the tiny DiT's blocks, and nothing that `export fp8` keeps in BF16
+    "transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v",
+    "transformer_blocks.0.attn.to_out.0", "transformer_blocks.0.attn.add_q_proj",
+    "transformer_blocks.0.attn.add_k_proj", "transformer_blocks.0.attn.add_v_proj",
+    "transformer_blocks.0.attn.to_add_out", "transformer_blocks.0.ff.linear_in", "transformer_blocks.0.ff.linear_out",
+    "transformer_blocks.0.ff_context.linear_in", "transformer_blocks.0.ff_context.linear_out",
+    "single_transformer_blocks.0.attn.to_qkv_mlp_proj", "single_transformer_blocks.0.attn.to_out",
+]
+
+
+def test_fp8_takes_the_gemms_export_fp8_takes_and_refuses_a_cpu(tiny_ckpt):
+    import torch
+
+    from flux2_klein.checkpoint import load_checkpoint
+    from flux2_klein.export.onnx_export import load_wrapper
+    from flux2_klein.torch_runtime import fp8_layers, fp8_root, quantize_fp8
+
+    ckpt = load_checkpoint(tiny_ckpt)
+    dit = load_wrapper(ckpt, "transformer", torch.float32)
+    assert fp8_layers("transformer", fp8_root(dit, "transformer")) == TINY_FP8_DIT
+    text = fp8_root(load_wrapper(ckpt, "text_encoder", torch.float32), "text_encoder")
+    names = fp8_layers("text_encoder", text)
+    assert len(names) == 7 * len(text.layers) and names[:3] == [
+        "layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj", "layers.0.self_attn.v_proj"]
+    with pytest.raises(RuntimeError, match="fp8: transformer needs a GPU of compute capability 8.9"):
+        quantize_fp8(fp8_root(dit, "transformer"), "transformer")
+    with pytest.raises(ValueError, match="fp8: 'vae_decoder' has no FP8 GEMMs"):
+        fp8_layers("vae_decoder", dit)
+
+
+def test_torch_build_options_reach_each_leaf(tiny_ckpt, tmp_path):
+    from flux2_klein.repository import build_repository
+    from flux2_klein.triton_config import Batching
+
+    repo = build_repository(tiny_ckpt, tmp_path / "fp8", runtime="torch", device="gpu", precision="fp8",
+                            fp8_text_encoder=True, compile=True, batching=Batching(max_requests=8, max_dit_rows=16))
+    fp8 = {name: _params((repo / name / "config.pbtxt").read_text())["fp8"] for name in LEAVES}
+    assert fp8 == {"text_encoder": "true", "transformer": "true", "vae_decoder": "false", "vae_encoder": "false"}
+    params = _params((repo / "transformer" / "config.pbtxt").read_text())
+    assert (params["warm_sizes"], params["max_dit_rows"]) == ("all", "16")  # compiled: every size warmed
+    build = json.loads((repo / "build.json").read_text())
+    assert (build["precision"], build["fp8"]) == ("fp8", ["transformer", "text_encoder"])
+    eager = build_repository(tiny_ckpt, tmp_path / "eager", runtime="torch", device="gpu")
+    params = _params((eager / "transformer" / "config.pbtxt").read_text())
+    assert (params["fp8"], params["warm_sizes"]) == ("false", "1024x1024")  # bf16 until FP8 is measured
+    bad = [
+        (dict(runtime="torch", device="cpu", precision="fp8"), "FP8 GEMMs need a GPU"),
+        (dict(runtime="onnxruntime", precision="fp8"), "FP8 on runtime onnxruntime"),
+        (dict(runtime="onnxruntime", warm_sizes="all"), "only the torch runtime warms"),
+        (dict(runtime="torch", precision="fp4"), "precision: 'fp4' is not supported"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(ValueError, match=message):
+            build_repository(tiny_ckpt, tmp_path / "bad", **kwargs)
+
+
+def test_warm_shapes_cover_every_size_batch_and_reference_count(tiny_ckpt):
+    import torch
+
+    from flux2_klein.checkpoint import load_checkpoint
+    from flux2_klein.specs import network_specs
+    from flux2_klein.torch_runtime import WarmShapes, load_leaf, warm_inputs
+
+    shapes = WarmShapes.parse("all", 8)
+    assert len(shapes.sizes) == 17 and shapes.batches == (1, 2, 8)
+    specs = network_specs(load_checkpoint(tiny_ckpt))
+    dit = warm_inputs(specs["transformer"], shapes)
+    # 17 sizes at batch 1, batches 2 and 8 at 1024x1024, and 1..4 references of 1024x1024 (4096 tokens each).
+    assert len(dit) == 17 + 2 + 4
+    assert sorted({x["hidden_states"].shape[0] for x in dit}) == [1, 2, 8]
+    assert max(x["hidden_states"].shape[1] for x in dit) == 5 * 4096
+    assert len(warm_inputs(specs["vae_decoder"], shapes)) == 17 and len(warm_inputs(specs["text_encoder"], shapes)) == 1
+    assert WarmShapes.parse("", 8) == WarmShapes() and warm_inputs(specs["vae_decoder"], WarmShapes()) == []
+    assert WarmShapes.parse("1024x1024,672x1568", 1).sizes == ((1024, 1024), (672, 1568))
+    with pytest.raises(ValueError, match="warm_sizes: '1024' is not WIDTHxHEIGHT"):
+        WarmShapes.parse("1024", 1)
+    leaf = load_leaf(str(tiny_ckpt), "vae_decoder", dtype="fp32", device=torch.device("cpu"),
+                     warm_shapes=WarmShapes.parse("672x1568", 1))
+    assert "vae_decoder: fp32 on cpu" in leaf.summary and "1 shapes warmed" in leaf.summary
+
+
+def test_bf16_leaves_hand_each_other_bf16_and_the_image_stays_close(tiny_ckpt, torch_server, tmp_path_factory):
+    """Leaves computing in bf16 exchange the prompt embedding and the DiT's token states in bf16 (half the
+    bytes, and half the text encoder's host copy for the response cache); the Euler steps stay float32."""
+    from flux2_klein.repository import build_repository
+
+    repo = build_repository(tiny_ckpt, tmp_path_factory.mktemp("bf16") / "repo", runtime="torch", device="cpu",
+                            dtype="bf16", instances=SMALL)
+    te, dit = ((repo / n / "config.pbtxt").read_text() for n in ("text_encoder", "transformer"))
+    assert 'name: "prompt_embeds" data_type: TYPE_BF16' in te
+    for name in ("hidden_states", "encoder_hidden_states", "velocity"):
+        assert f'name: "{name}" data_type: TYPE_BF16' in dit
+    assert 'name: "timestep" data_type: TYPE_FP32' in dit  # small, and the scheduler's float32
+    assert _params((repo / "sampler" / "config.pbtxt").read_text())["dit_dtype"] == "bf16"
+    assert json.loads((repo / "build.json").read_text())["boundary"] == "bfloat16"
+    server = ServeCommand.started(repo, tmp_path_factory.mktemp("bf16-logs"))
+    try:
+        with Flux2KleinClient(server.grpc_url) as client:
+            got = client.generate("a red fox in the snow", width=1248, height=832, seed=11)
+            again = client.generate("a red fox in the snow", width=1248, height=832, seed=11)  # a cache hit
+        with Flux2KleinClient(torch_server.grpc_url) as client:
+            want = client.generate("a red fox in the snow", width=1248, height=832, seed=11)  # fp32 throughout
+    finally:
+        server.stop()
+    assert np.array_equal(got, again)
+    diff = np.abs(got.astype(int) - want.astype(int))
+    print(f"bf16 against fp32 leaves: mean difference {diff.mean():.2f}, largest {diff.max()}")
+    assert diff.mean() < 8  # bf16 rounding, not a broken hand-off (which moves the mean by tens)

@@ -125,6 +125,8 @@ def _describe_input(value: Any) -> str:
         text = json.dumps(value, ensure_ascii=False)
     except (TypeError, ValueError):
         text = repr(value)
+    # A lone surrogate can't be sent back as UTF-8: show it escaped.
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -150,6 +152,8 @@ def validation_detail(errors: list[dict], allowed: list[str]) -> str:
             parts.append(f"{field}: unknown field; allowed fields: {', '.join(allowed)}")
         elif kind == "missing":
             parts.append(f"{field}: required")
+        elif kind == "string_unicode":
+            parts.append(f"{field}: not valid Unicode text (a lone surrogate)")
         elif kind == "too_long" and "max_length" in err.get("ctx", {}):
             ctx = err["ctx"]
             things = "images" if field == "image" else "entries"
@@ -200,6 +204,9 @@ def parse_body(raw: bytes) -> InferRequest:
 
 
 def check_prompt(prompt: str) -> None:
+    if len(prompt) > MAX_PROMPT_CHARS:  # Triton's preprocess refuses it too; no need to send megabytes there
+        raise ApiError(422, f"prompt: at most {MAX_PROMPT_CHARS} characters (only the first 512 tokens are used); "
+                            f"got {len(prompt)}")
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError as e:

@@ -1,7 +1,7 @@
 """Request ids, the API key, the body size limit and the concurrency limit: one ASGI middleware, outside
 FastAPI's routing so that it answers before a body is read; it also feeds the metrics.
 
-A /v1/infer body is read whole, within the body timeout, before the request takes a concurrency slot: a
+An image request's body (/v1/infer, /v1/images/*) is read whole, within the body timeout, before the request takes a concurrency slot: a
 client that sends headers and stalls holds a connection, never a slot. With every slot taken a request
 waits (at most `max_queue` of them, `queue_timeout_s` each) before 429."""
 
@@ -16,7 +16,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
-from .metrics import PATHS
+from .metrics import GENERATING_PATHS, PATHS
 from .settings import ENV
 
 if TYPE_CHECKING:
@@ -165,8 +165,8 @@ class LimitsMiddleware:
                         raise HTTPException(413, too_large)
                 return message
 
-            # The concurrency limit, only for /v1/infer: health and metrics must answer while it is full.
-            if scope["path"] == "/v1/infer" and scope["method"] == "POST":
+            # The concurrency limit, only for image requests: health and metrics must answer while it is full.
+            if scope["path"] in GENERATING_PATHS and scope["method"] == "POST":
                 s = gw.settings
                 try:
                     body = await asyncio.wait_for(_read_body(receive, limit), s.body_timeout_s)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 PATHS = ("/v1/infer", "/v1/health/live", "/v1/health/ready", "/v1/models", "/v1/metrics", "/docs",
-         "/docs/oauth2-redirect", "/openapi.json")
+         "/docs/oauth2-redirect", "/openapi.json", "/v1/images/generations", "/v1/images/edits")
+# The requests that generate images: each takes a concurrency slot, once its body is read (guard.py).
+GENERATING_PATHS = frozenset({"/v1/infer", "/v1/images/generations", "/v1/images/edits"})
 HEALTH_PATHS = frozenset({"/v1/health/live", "/v1/health/ready"})
 REASONS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 408: "body_timeout",
            413: "body_too_large", 422: "invalid_argument", 429: "busy", 500: "internal", 502: "upstream_error",
@@ -25,9 +27,9 @@ class Metrics:
                                  ["path"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.errors = Counter(p + "errors", "Answers with a status >= 400 (health endpoints left out), by reason",
                               ["path", "reason"], registry=self.registry)
-        self.in_flight = Gauge(p + "in_flight", "/v1/infer requests being served", registry=self.registry)
-        self.queued = Gauge(p + "queued", "/v1/infer requests waiting for a slot", registry=self.registry)
-        self.limit = Gauge(p + "max_concurrency", "The most /v1/infer requests served at once",
+        self.in_flight = Gauge(p + "in_flight", "Image requests (/v1/infer, /v1/images/*) being served", registry=self.registry)
+        self.queued = Gauge(p + "queued", "Image requests waiting for a slot", registry=self.registry)
+        self.limit = Gauge(p + "max_concurrency", "The most image requests served at once",
                            registry=self.registry)
         self.limit.set(max_concurrency)
 

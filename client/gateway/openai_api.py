@@ -121,9 +121,8 @@ async def _edit_request(request: Request) -> tuple[ImagesRequest, list[bytes]]:
     for i, data in enumerate(images):
         if not data:
             raise ApiError(422, f"image[{i}]: empty; expected a PNG, JPEG or WebP file")
-    # Form values are text: let pydantic read "2" as an integer here (not in the JSON endpoint).
-    if fields.get("disable_safety_checker", "").lower() in ("true", "false"):
-        fields["disable_safety_checker"] = fields["disable_safety_checker"].lower() == "true"
+    # Form values are text: pydantic's lax mode reads "2" as an integer and "true" as a boolean here (the JSON
+    # endpoint stays strict).
     return _validated(fields, strict=False), images
 
 

@@ -17,7 +17,7 @@ from ..contract import MODEL_NAME
 from ..progress import log, step
 from ..target import Target, detect_target
 from .profile import checkpoint_fingerprint, code_fingerprint, profile_components, profile_key
-from .settings import ConfigError, Settings
+from .settings import ONNX_DIR_TENSORRT, ConfigError, Settings
 
 PROFILE_FILE = "profile.json"  # inside the repository: written last, before the rename that publishes it
 LEFTOVER_PREFIXES = (".building-", ".stale-")
@@ -118,16 +118,22 @@ def ensure_repository(cache: Path, key: str, components: Mapping, build: Callabl
         return final
 
 
+def work_folder(cache: Path, key: str) -> Path:
+    """A profile's TensorRT work folder: ONNX exports, `fp8_scales.json`, the timing cache."""
+    return Path(cache) / "work" / key
+
+
 def build_for_runtime(checkpoint: Path, out: Path, *, runtime: str, precision: str,
-                      onnx_dir: Path | None = None) -> Path:
-    """The one place that knows how each runtime's build is called."""
+                      onnx_dir: Path | None = None, work: Path | None = None) -> Path:
+    """The one place that knows how each runtime's build is called. `work` (tensorrt): where the ONNX
+    exports, the FP8 calibration and the timing cache go (`work_folder`), kept when a build fails."""
     from ..repository import build_repository
 
     if runtime == "tensorrt":
-        # ONNX exports and calibration beside the repository, inside the build's temporary folder: removed
-        # with it, never mistaken for a finished build's.
-        return build_repository(checkpoint, out, runtime="tensorrt", precision=precision, onnx_dir=onnx_dir,
-                                work=Path(out).parent / "work")
+        if onnx_dir is not None:
+            raise ConfigError(ONNX_DIR_TENSORRT)
+        return build_repository(checkpoint, out, runtime="tensorrt", precision=precision,
+                                work=work or Path(out).parent / "work")
     # ONNX Runtime is the CPU path for checks: float32 graphs whatever FLUX2_KLEIN_PRECISION says (it stays
     # in the profile key all the same).
     return build_repository(checkpoint, out, runtime="onnxruntime", onnx_dir=onnx_dir)
@@ -173,8 +179,9 @@ def _prepare(settings: Settings, target: Target | None, builder: Callable[..., o
                               "container one (docker run --gpus 1; Kubernetes nvidia.com/gpu: 1), or set "
                               "FLUX2_KLEIN_RUNTIME=onnxruntime for the CPU path")
         if target.tensorrt == "none":
-            raise ConfigError("FLUX2_KLEIN_RUNTIME=tensorrt needs TensorRT's Python module (`import tensorrt` fails); "
-                              "the image installs it matching the TensorRT that Triton serves with")
+            raise ConfigError("FLUX2_KLEIN_RUNTIME=tensorrt needs TensorRT's Python module (neither `tensorrt` "
+                              "nor `tensorrt_bindings` imports); the image installs it matching the TensorRT "
+                              "that Triton serves with")
     with step("checkpoint fingerprint"):
         checkpoint_hash = checkpoint_fingerprint(settings.checkpoint)
     components = profile_components(settings, target, checkpoint_hash, code_fingerprint())
@@ -182,9 +189,15 @@ def _prepare(settings: Settings, target: Target | None, builder: Callable[..., o
     log.info("profile: %s", key)
     builder = builder or build_for_runtime
 
+    extra = {}
+    if settings.runtime == "tensorrt":
+        # In the cache volume, keyed like the repository: a build that fails after an hour of export and
+        # calibration resumes from them, and the timing cache persists. Kept after a build, whatever its end.
+        extra["work"] = work_folder(settings.cache, key)
+
     def build(out: Path):
         return builder(settings.checkpoint, out, runtime=settings.runtime, precision=settings.precision,
-                       onnx_dir=settings.onnx_dir)
+                       onnx_dir=settings.onnx_dir, **extra)
 
     return ensure_repository(settings.cache, key, components, build, force=settings.rebuild)
 

@@ -65,7 +65,8 @@ def checkpoint_fingerprint(root: str | Path) -> str:
 # Sources whose change changes what a build writes: configs, glue, graphs, engines (an image with other
 # code must not serve a repository an older one wrote). Anything else (the gateway, the CLI, the container package)
 # can change without invalidating a cache.
-CODE_FILES = ("repository.py", "specs.py", "triton_config.py", "sizes.py", "triton_tensors.py", "contract.py")
+CODE_FILES = ("repository.py", "specs.py", "triton_config.py", "sizes.py", "triton_tensors.py", "contract.py",
+              "tensorrt_build.py")
 CODE_PACKAGES = ("flux2_klein.export", "flux2_klein.model_repository")
 
 

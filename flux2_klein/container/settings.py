@@ -37,6 +37,10 @@ ENV_VARS: tuple[tuple[str, str, str], ...] = (
     ("FLUX2_KLEIN_STOP_TIMEOUT", "30", "seconds the children get to stop after SIGTERM before SIGKILL"),
 )
 DEFAULTS = {name: default for name, default, _ in ENV_VARS}
+ONNX_DIR_TENSORRT = (
+    "FLUX2_KLEIN_ONNX_DIR: only the onnxruntime runtime reuses exported graphs; tensorrt exports its own "
+    "(bf16 graphs, the FP8 transformer with its calibration) into <cache>/work/<profile key>, kept across "
+    "failed builds; unset FLUX2_KLEIN_ONNX_DIR or set FLUX2_KLEIN_RUNTIME=onnxruntime")
 
 
 class ConfigError(ValueError):
@@ -98,6 +102,8 @@ class Settings:
             stop_timeout = float(get("FLUX2_KLEIN_STOP_TIMEOUT"))
         except ValueError:
             raise ConfigError(f"FLUX2_KLEIN_STOP_TIMEOUT: {get('FLUX2_KLEIN_STOP_TIMEOUT')!r} is not a number of seconds") from None
+        if get("FLUX2_KLEIN_ONNX_DIR") and choice("FLUX2_KLEIN_RUNTIME", RUNTIMES) == "tensorrt":
+            raise ConfigError(ONNX_DIR_TENSORRT)
         rebuild = get("FLUX2_KLEIN_REBUILD").lower()
         if rebuild not in ("", "0", "1", "true", "false", "yes", "no"):
             raise ConfigError(f"FLUX2_KLEIN_REBUILD: {rebuild!r} is not 0 or 1")

@@ -129,7 +129,9 @@ class Guardrail:
         self.check_references = s.check_references and "reference" in stages
 
     def bypassed(self, disable_requested: bool) -> bool:
-        """A request's disable_safety_checker counts only where the operator allows it."""
+        """A request's disable_safety_checker counts only where the operator allows it, and then skips the
+        image checks (references, output): the prompt check is the operator's to switch off (prompt_check),
+        never a request's."""
         return bool(disable_requested) and self.settings.allow_disable_safety_checker
 
     def check_prompt(self, prompt: str) -> Decision:
@@ -154,9 +156,9 @@ class Guardrail:
 
     def check_request(self, prompt: str, references: Sequence = (), disable_requested: bool = False) -> Verdict:
         """Preprocess's checks, the prompt first (cheapest, and before any image is looked at)."""
-        if self.bypassed(disable_requested):
-            return Verdict(Decision(True, "prompt", "disabled by request"), check_output=False)
         decision = self.check_prompt(prompt)
+        if self.bypassed(disable_requested):
+            return Verdict(decision, check_output=False)
         if decision.allowed and self.check_references and len(references):
             decision = self.check_images(references, "reference")
         return Verdict(decision, check_output=True)

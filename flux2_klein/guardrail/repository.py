@@ -13,15 +13,13 @@ from importlib import resources
 from pathlib import Path
 
 from ..specs import Tensor
-from ..triton_config import python_model
+from ..triton_config import CHECK_OUTPUT, SAFETY_MODEL, python_model
 from .settings import GuardrailSettings
 from .text import Blocklist, read_blocklist
 
 GUARDRAIL_FILE = "guardrail.json"
-SAFETY_MODEL = "safety"
 # The safety model: the decoded image in, the same image out (or an error); `check_output` (from
 # preprocess) false skips the check for a request whose disable_safety_checker the operator allows.
-CHECK_OUTPUT = Tensor("check_output", "bool", (1,))
 SAFETY_INPUTS = (Tensor("image", "uint8", ("height", "width", 3)), CHECK_OUTPUT)
 SAFETY_OUTPUTS = (Tensor("image", "uint8", ("height", "width", 3)),)
 
