@@ -372,9 +372,9 @@ def run_triton(args) -> dict:
     log = (work / "tritonserver.log").read_text(errors="replace")
     loads = [line.split("flux2-klein ", 1)[1] for line in log.splitlines() if line.startswith("flux2-klein ")]
     build = json.loads((repo / "build.json").read_text())
-    return {"what": f"Triton, leaves in PyTorch {gpu_report.version('torch')}, {DTYPES[args.device]}, "
-                    f"DiT GEMMs {build.get('precision', 'bf16')}"
-                    + (", text encoder FP8" if "text_encoder" in build.get("fp8", []) else "")
+    return {"what": f"Triton, leaves in PyTorch {gpu_report.version('torch')}, {DTYPES[args.device]}"
+                    + (", DiT GEMMs FP8" if "transformer" in build.get("fp8", []) else "")
+                    + (", text encoder GEMMs FP8" if "text_encoder" in build.get("fp8", []) else "")
                     + (f", torch.compile {args.compile}" if args.compile else ", eager"),
             "build_s": build_s, "ready_s": ready_s, "leaf_loads": loads, "batching": build["batching"], **result}
 

@@ -79,7 +79,6 @@ if [ "${TINY:-0}" = 1 ]; then
   CHECKPOINT=(--tiny)
 else
   CONFIG=${CONFIG:-$ROOT/flux2_klein/configs/flux2-klein-4b.json}
-  [ -f "$CONFIG" ] || CONFIG=$ROOT/../shared/configs/flux2-klein-4b.json
   CKPT=$WORK/checkpoint
   if [ ! -f "$CKPT/model_index.json" ]; then
     stamp "random bf16 checkpoint of $CONFIG"

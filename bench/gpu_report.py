@@ -91,11 +91,12 @@ def build(results: dict, args, steps: int, guidance: float) -> Report:
     m = machine(args.device)
     data = {"size": f"{args.size[0]}x{args.size[1]}", "steps": steps, "guidance": guidance,
             "checkpoint": str(args.checkpoint), "machine": m, "python": platform.python_version(),
-            "torch": version("torch"), "diffusers": version("diffusers"), "commit": _commit(), **results}
+            "torch_version": version("torch"), "diffusers_version": version("diffusers"), "commit": _commit(),
+            **results}
     lines = [f"# FLUX.2 [klein] on {m['device']}: diffusers against Triton",
              "",
              f"{data['size']}, {steps} steps, guidance {guidance:g}; checkpoint `{args.checkpoint}`; commit {data['commit']}; "
-             f"torch {data['torch']}, diffusers {data['diffusers']}, Python {data['python']}"
+             f"torch {data['torch_version']}, diffusers {data['diffusers_version']}, Python {data['python']}"
              + (f"; driver {m['driver']}, {m['memory']}" if "driver" in m else ""),
              ""]
     sides = [("diffusers eager", eager), ("diffusers compiled", compiled), ("Triton (ours)", triton)]

@@ -9,7 +9,7 @@
 #       flux2-klein-triton:0.1.0 /src/bench/h100_tensorrt.sh
 #
 # Environment: CKPT (default /models/checkpoint; without one, random bf16 weights of CONFIG, default
-# /src/shared/configs/flux2-klein-4b.json), WORK (default /work: graphs, calibration, engines; a rerun
+# the package's /src/flux2_klein/configs/flux2-klein-4b.json), WORK (default /work: graphs, calibration, engines; a rerun
 # resumes from what is finished), PRECISION (fp8 | bf16, default fp8), CALIBRATION_PROMPTS (default 300:
 # every shipped prompt; fewer for a quicker, less faithful FP8 run), CONCURRENCY (default 1:4).
 # Expect: the check line "Builder and OnnxParser work"; the transformer's line with fp8_gemms > 0 and
@@ -32,7 +32,7 @@ python3 -m flux2_klein.export.trt_build --check | tee "$REPORT/tensorrt.txt"
 
 CKPT=${CKPT:-/models/checkpoint}
 if [ ! -f "$CKPT/model_index.json" ]; then
-  CONFIG=${CONFIG:-$ROOT/shared/configs/flux2-klein-4b.json}
+  CONFIG=${CONFIG:-$ROOT/flux2_klein/configs/flux2-klein-4b.json}
   CKPT=$WORK/checkpoint
   if [ ! -f "$CKPT/model_index.json" ]; then
     stamp "no checkpoint mounted: random bf16 weights of $CONFIG"

@@ -23,6 +23,22 @@ from .engines import file_sha256
 
 log = logging.getLogger(__name__)
 
+
+class _AbsentTorchvision(logging.Filter):
+    """torch.onnx's exporter registers torchvision's ONNX functions on every export and, torchvision not
+    being installed (no network here uses it), warns once per function: 16 lines per graph. Only those
+    records are dropped; every other warning of the exporter still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("torchvision is not installed")
+
+
+def quiet_absent_torchvision() -> None:
+    logging.getLogger("torch.onnx._internal.exporter._registration").addFilter(_AbsentTorchvision())
+
+
+quiet_absent_torchvision()  # every export, from the command or in process
+
 OPSET = 18
 # ONNX allows bfloat16 convolutions from opset 22 on: the VAE graphs in bf16 need it to be valid ONNX
 # (other tools check types). 22 is also what the builders parse: TensorRT 10.13 (Triton 25.10's) and

@@ -121,7 +121,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def checkpoint_from_config(config_file: str | Path) -> Checkpoint:
-    """The geometry of a checkpoint from one JSON of component configs (shared/configs/*.json), no
+    """The geometry of a checkpoint from one JSON of component configs (flux2_klein/configs/*.json), no
     weights: enough for specs, profiles and build plans (`flux2-klein build --dry-run --config`)."""
     path = Path(config_file)
     cfg = _read_json(path, "config")

@@ -3,25 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from .contract import PRECISIONS
 from .progress import log, setup_logging
-
-
-class _AbsentTorchvision(logging.Filter):
-    """torch.onnx's exporter registers torchvision's ONNX functions on every export and, torchvision not
-    being installed (no network here uses it), warns once per function: 16 lines per graph. Only those
-    records are dropped; every other warning of the exporter still shows."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("torchvision is not installed")
-
-
-def quiet_absent_torchvision() -> None:
-    logging.getLogger("torch.onnx._internal.exporter._registration").addFilter(_AbsentTorchvision())
 
 
 def _tiny(args) -> int:
@@ -95,14 +81,25 @@ def _build(args) -> int:
             print(describe_plan(_geometry(args), Path(args.out), work, args.precision or "fp8", args.opt_level))
             return 0
         build_repository(args.checkpoint, args.out, runtime="tensorrt", precision=args.precision or "fp8",
-                         work=work, opt_level=args.opt_level, batching=_batching(args), guardrail=_guardrail(args))
+                         work=work, opt_level=args.opt_level, batching=_batching(args), guardrail=_guardrail(args),
+                         loras=args.lora)
         return 0
     torch_only = {"fp8_text_encoder": args.fp8_text_encoder, "warm_sizes": args.warm_sizes} \
         if args.runtime == "torch" else {}
     build_repository(args.checkpoint, args.out, runtime=args.runtime, dtype=args.dtype,
                      onnx_dir=args.onnx or None, device=args.device, compile=args.compile,
-                     precision=args.precision, batching=_batching(args), guardrail=_guardrail(args), **torch_only)
+                     precision=args.precision, batching=_batching(args), guardrail=_guardrail(args), loras=args.lora,
+                     **torch_only)
     return 0
+
+
+def _lora_spec(text: str):
+    from .lora import LoraError, LoraSpec
+
+    try:
+        return LoraSpec.parse(text)
+    except LoraError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _guardrail(args):
@@ -194,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warm-sizes", default=None, metavar="all|WxH,...",
                    help="torch: sizes each leaf runs once while loading, so no request pays for a compile "
                         "(default: all when compiling on a GPU, 1024x1024 on a GPU, none on a CPU)")
+    b.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", type=_lora_spec,
+                   help="a diffusers-format klein LoRA fused into the weights before anything else, at SCALE "
+                        "(default 1); repeatable, fused in order")
     b.add_argument("--guardrail", default="", metavar="FILE",
                    help="guardrail settings, JSON or TOML (docs/GUARDRAIL.md; default: FLUX2_KLEIN_GUARDRAIL* "
                         "variables, else the prompt check with the shipped blocklist)")
@@ -237,7 +237,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    quiet_absent_torchvision()
     from .checkpoint import CheckpointError
     from .export.trt_build import BuildError
 

@@ -120,6 +120,7 @@ def input_arrays(
     steps: int | None = None,
     guidance: float | None = None,
     references: Iterable[Reference] = (),
+    disable_safety_checker: bool | None = None,
 ) -> dict[str, tuple[str, np.ndarray]]:
     """The request's tensors as {input name: (KServe datatype, numpy array)}, in the contract's types.
 
@@ -152,6 +153,11 @@ def input_arrays(
         if isinstance(guidance, bool):
             raise TypeError(f"guidance must be a number; got {guidance!r}")
         arrays["guidance_scale"] = (DATATYPES["float32"], np.array([float(guidance)], dtype=np.float32))
+
+    if disable_safety_checker is not None:
+        if not isinstance(disable_safety_checker, (bool, np.bool_)):
+            raise TypeError(f"disable_safety_checker must be a bool; got {disable_safety_checker!r}")
+        arrays["disable_safety_checker"] = (DATATYPES["bool"], np.array([bool(disable_safety_checker)]))
 
     refs = [_reference_bytes(r) for r in references]
     if refs:

@@ -102,6 +102,12 @@ def _torch_leaf(repo: Path, ckpt, spec, instances: Instances, *, dtype: str, onn
             "warm_sizes": o.warm_sizes}
 
 
+def _lora_manifest(checkpoint) -> dict | None:
+    from .lora import manifest
+
+    return manifest(checkpoint)
+
+
 # runtime -> writer of one leaf model (config, glue, weights); each returns what the manifest records.
 LEAF_WRITERS = {"onnxruntime": _onnx_leaf, "torch": _torch_leaf}
 
@@ -111,7 +117,8 @@ def build_repository(checkpoint: str | Path, out: str | Path, *, runtime: str = 
                      instances: Instances | None = None, device: str | None = None,
                      compile: bool | str = False, precision: str | None = None, work: str | Path | None = None,
                      opt_level: int | None = None, batching: Batching | None = None,
-                     fp8_text_encoder: bool = False, warm_sizes: str | None = None, guardrail=None) -> Path:
+                     fp8_text_encoder: bool = False, warm_sizes: str | None = None, guardrail=None,
+                     boundary: str | None = None, loras=()) -> Path:
     """Assemble REPO from a checkpoint; `onnx_dir` reuses graphs `export onnx` already wrote.
 
     device: "cpu" or "gpu" sets where the models' instances run (default: `instances.kind`, KIND_CPU);
@@ -122,6 +129,11 @@ def build_repository(checkpoint: str | Path, out: str | Path, *, runtime: str = 
       becomes its default once measured within what `export fp8` accepts); fp8_text_encoder: torch only.
     warm_sizes: torch only; the sizes every leaf runs once at load ("", "all", "WxH,..."; default "all"
       when compiling on a GPU, "1024x1024" on a GPU otherwise, "" on a CPU).
+    boundary: the dtype of the big tensors between models (triton_config.BF16_BOUNDARY), "bfloat16" or
+      "float32"; default bfloat16 for torch leaves computing in bf16 (lossless there: the modules cast their
+      inputs to bf16 and their outputs come from bf16), else float32.
+    loras: flux2_klein.lora.LoraSpec list, fused in order into a copy of the checkpoint's transformer
+      (REPO.lora beside the repository, which it then serves from and must keep) before anything else.
     guardrail: flux2_klein.guardrail.GuardrailSettings (default: the prompt check with the shipped list);
       an image classifier adds the `safety` model as the ensemble's last step.
     batching: how the sampler batches concurrent requests (default Batching(); on TensorRT the DiT's rows
@@ -129,6 +141,16 @@ def build_repository(checkpoint: str | Path, out: str | Path, *, runtime: str = 
     work, opt_level: tensorrt runtime only (see tensorrt_build.py): the folder for ONNX graphs and the
       timing cache (default REPO.work), the builder optimization level.
     """
+    if loras:
+        from .lora import fuse_loras
+
+        if onnx_dir is not None:
+            raise ValueError("onnx: graphs exported without the LoRAs cannot serve them; leave out onnx with lora")
+        # Beside the repository, not in it: Triton takes every folder of a repository for a model.
+        fused = Path(str(Path(out)) + ".lora")
+        if fused.exists():  # a rebuild: fuse anew, the LoRAs may have changed
+            shutil.rmtree(fused)
+        checkpoint = fuse_loras(checkpoint, list(loras), fused)
     if runtime == "tensorrt" and onnx_dir is not None:
         raise ValueError("onnx: the tensorrt runtime exports its own graphs (bf16/<network>, fp8/transformer) "
                          "into its work folder; pass a folder of that layout as work, not as onnx")
@@ -169,7 +191,10 @@ def build_repository(checkpoint: str | Path, out: str | Path, *, runtime: str = 
     dtype = dtype or ("bf16" if runtime == "torch" and gpu else "fp32")
     # Leaves that compute in bf16 hand each other bf16 (triton_config.BF16_BOUNDARY); engines and graphs
     # keep the float32 boundary of their export.
-    boundary = "bfloat16" if runtime == "torch" and dtype == "bf16" else "float32"
+    boundary = boundary or ("bfloat16" if runtime == "torch" and dtype == "bf16" else "float32")
+    if boundary not in ("bfloat16", "float32") or boundary == "bfloat16" and (runtime, dtype) != ("torch", "bf16"):
+        raise ValueError(f"boundary: {boundary!r} is not supported here; bfloat16 needs the torch runtime computing "
+                         "in bf16, float32 always works")
     specs = with_boundary(network_specs(ckpt), boundary)
     batching = batching or Batching()
     if runtime == "tensorrt":  # an engine takes no more rows than its profiles' maximum
@@ -216,6 +241,7 @@ def build_repository(checkpoint: str | Path, out: str | Path, *, runtime: str = 
         **({"precision": "fp8" if fp8 else "bf16", "fp8": list(fp8)} if runtime == "torch" else {}),
         "device": "gpu" if gpu else "cpu", "is_distilled": ckpt.is_distilled, "sources": sources,
         "batching": dataclasses.asdict(batching), "guardrail": guardrail.to_dict(), "boundary": boundary,
+        **({"lora": _lora_manifest(checkpoint)} if loras else {}),
     }
     (repo / "build.json").write_text(json.dumps(manifest, indent=1))
     log.info("repository ready: %s", repo)

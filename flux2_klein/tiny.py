@@ -245,7 +245,7 @@ def make_tiny(out: Path, seed: int = 0, distilled: bool = True) -> Path:
 
 def make_full_size(out: Path, config_file: Path, seed: int = 0, dtype: str = "bfloat16",
                    workers: int | None = None) -> Path:
-    """A random-weight checkpoint of the geometry in `config_file` (e.g. shared/configs/flux2-klein-4b.json),
+    """A random-weight checkpoint of the geometry in `config_file` (e.g. flux2_klein/configs/flux2-klein-4b.json),
     written without building the networks (see `write_fast_random_checkpoint`)."""
     cfg = json.loads(Path(config_file).read_text())
     distilled = bool(cfg.get("pipeline", {}).get("is_distilled", True))

@@ -98,10 +98,25 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def kill_group(pgid: int) -> None:
-    """SIGKILL a process group (a tritonserver started in a session of its own, and its stubs)."""
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                    members.append(int(entry.name))
+    return members
+
+
+def kill_group(pgid: int, wait_s: float = 5.0) -> None:
+    """SIGKILL a process group (a tritonserver started in a session of its own, and its stubs) and wait
+    until its members are gone: only then are their /dev/shm regions unmapped and safe to remove."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + wait_s
+    while _group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 # -- shared memory ------------------------------------------------------------------------------------------------

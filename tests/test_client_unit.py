@@ -250,7 +250,7 @@ def test_closed_port_gives_a_clear_error(protocol):
 def test_run_generate_closed_port_exits_1(tmp_path, capsys, protocol):
     url = f"127.0.0.1:{free_port()}"
     args = _parser().parse_args(["generate", "--prompt", "p", "--url", url, "--protocol", protocol,
-                                 "--out", str(tmp_path / "o.png")])
+                                 "--out", str(tmp_path / "o.png"), "--wait", "0"])
     assert args.func(args) == 1
     assert url in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()

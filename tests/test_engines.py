@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from flux2_klein.configs import config_path
 from flux2_klein.checkpoint import checkpoint_from_config, load_checkpoint
 from flux2_klein.export.engines import EnginePlan, check_engine, expected_metadata
 from flux2_klein.export.graph_checks import ACTIVATION_BUDGET_BYTES, activation_estimate, instance_estimate
@@ -19,7 +20,7 @@ from flux2_klein.specs import REFERENCE_PROFILE_MAX_AREA, Profile, network_specs
 from flux2_klein.tensorrt_build import describe_plan, engine_plans
 from flux2_klein.triton_config import GPU_INSTANCES, plan_config
 
-CONFIG_4B = Path(__file__).resolve().parents[2] / "shared" / "configs" / "flux2-klein-4b.json"
+CONFIG_4B = config_path("4b")
 
 
 def test_plan_config_for_tensorrt(tiny_ckpt):

@@ -51,12 +51,20 @@ def test_generate_pasted_right_after_serve_waits_for_it_and_writes_the_image(tri
                              stdout=log, stderr=subprocess.STDOUT)
     try:
         out = tmp_path / "lighthouse.png"
-        r = subprocess.run(CLI + ["generate", "--prompt", "a lighthouse at dusk", "--seed", "42", "--size", "1024x1024",
-                                  "--url", f"127.0.0.1:{grpc}", "--wait", "300", "--out", str(out)],
-                           capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr + (tmp_path / "serve.log").read_text()[-3000:]
-        assert "waiting for Triton" in r.stderr  # Triton takes tens of seconds to load; we said so meanwhile
-        assert r.stdout.startswith(str(out)) and Image.open(out).size == (1024, 1024)
+        gen = subprocess.Popen(CLI + ["generate", "--prompt", "a lighthouse at dusk", "--seed", "42", "--size",
+                                      "1024x1024", "--url", f"127.0.0.1:{grpc}", "--wait", "300", "--out", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while gen.poll() is None and serve.poll() is None:
+            time.sleep(1)
+        if gen.poll() is None:  # serve died: generate would wait its full time for nothing
+            gen.kill()
+            errors = [line for line in (tmp_path / "serve.log").read_text().splitlines()
+                      if line.startswith("E") or "error" in line.lower()]
+            pytest.fail("serve exited while generate waited:\n" + "\n".join(errors[-20:]))
+        stdout, stderr = gen.communicate(timeout=600)
+        assert gen.returncode == 0, stderr + (tmp_path / "serve.log").read_text()[-3000:]
+        assert "waiting for Triton" in stderr  # Triton takes tens of seconds to load; we said so meanwhile
+        assert stdout.startswith(str(out)) and Image.open(out).size == (1024, 1024)
     finally:
         serve.terminate()
         serve.wait(60)

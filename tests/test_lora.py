@@ -108,3 +108,36 @@ def test_bad_arguments_name_what_is_allowed(tiny_ckpt, loras, tmp_path):
         fuse_loras(tiny_ckpt, [LoraSpec(text_encoder)], tmp_path / "out")
     with pytest.raises(LoraError, match="exists"):
         fuse_loras(tiny_ckpt, [LoraSpec(loras[0])], tmp_path)
+
+
+def test_a_served_build_with_lora_equals_diffusers_load_and_fuse(tiny_ckpt, loras, tmp_path):
+    """`flux2-klein build --lora FILE:SCALE` (the real command), served by a real tritonserver (torch leaves:
+    no export to wait for): the image equals diffusers' load_lora_weights + fuse_lora, not the plain one's."""
+    import subprocess
+    import sys
+
+    from conftest import ServeCommand
+    from flux2_klein.client.triton_client import Flux2KleinClient
+
+    repo = tmp_path / "repo"
+    r = subprocess.run([sys.executable, "-m", "flux2_klein.cli", "build", "--checkpoint", str(tiny_ckpt),
+                        "--out", str(repo), "--runtime", "torch", "--lora", f"{loras[0]}:0.7"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    build = json.loads((repo / "build.json").read_text())
+    assert build["lora"]["fingerprint"] == fingerprint([LoraSpec.parse(f"{loras[0]}:0.7")])
+    assert build["checkpoint"] == str((tmp_path / "repo.lora").resolve())
+    oracle = pipeline(tiny_ckpt)
+    plain = image(oracle)
+    oracle.load_lora_weights(str(loras[0]), adapter_name="a")
+    oracle.set_adapters(["a"], adapter_weights=[0.7])
+    oracle.fuse_lora(adapter_names=["a"])
+    want = image(oracle)
+    server = ServeCommand.started(repo, tmp_path / "logs")
+    try:
+        with Flux2KleinClient(server.grpc_url) as client:
+            got = client.generate("a lighthouse", width=1024, height=1024, seed=4, steps=STEPS)
+    finally:
+        server.stop()
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 2
+    assert np.abs(got.astype(int) - plain.astype(int)).max() > 20

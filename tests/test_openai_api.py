@@ -117,3 +117,18 @@ def test_errors_elsewhere_keep_their_shape(gateway):
     answer = http_request(gateway.port, "POST", "/v1/images/edits", {"prompt": "x"},
                           headers={"Authorization": f"Bearer {KEY}"})
     assert answer.status == 400 and "multipart/form-data" in answer.json()["error"]["message"]
+
+
+def test_a_refused_prompt_is_a_content_policy_error_and_nim_gets_a_black_content_filtered_artifact(client, gateway):
+    """The served guardrail (on by default, the shipped list) refuses before any network runs; OpenAI's
+    clients see its content_policy_violation error, NIM's see finishReason CONTENT_FILTERED with a black image."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.generate(prompt="a loli portrait")
+    assert caught.value.body["code"] == "content_policy_violation", caught.value.body
+    answer = http_request(gateway.port, "POST", "/v1/infer", {"prompt": "a loli portrait", "seed": 5},
+                          headers={"Authorization": f"Bearer {KEY}"})
+    assert answer.status == 200, answer
+    (artifact,) = answer.json()["artifacts"]
+    assert artifact["finishReason"] == "CONTENT_FILTERED" and artifact["seed"] == 5
+    image = np.asarray(Image.open(io.BytesIO(base64.b64decode(artifact["base64"]))))
+    assert image.shape == (1024, 1024, 3) and not image.any()

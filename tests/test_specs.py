@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from flux2_klein.configs import config_path
 from flux2_klein.checkpoint import Checkpoint, CheckpointError, checkpoint_from_config, load_checkpoint
 from flux2_klein.sizes import (
     MAX_REFERENCES, REFERENCE_MAX_SIDE, REFERENCE_MIN_SIDE, SIZES, image_tokens, latent_grid,
@@ -15,7 +16,7 @@ from flux2_klein.sizes import (
 )
 from flux2_klein.specs import network_specs
 
-FULL_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "configs" / "flux2-klein-4b.json"
+FULL_CONFIG = config_path("4b")
 
 
 def full_size_checkpoint() -> Checkpoint:

@@ -172,6 +172,8 @@ def run_direct(cfg: BenchConfig, entries: list[Entry], warm: list[Entry], progre
         latencies.append(time.perf_counter() - t)
         for s in STAGES:
             stages[s] += pipe.last_timings.get(s, 0.0)
+    progress.update(f"bench: direct: {len(entries)}/{len(entries)} requests, {time.perf_counter() - start:.0f} s",
+                    key=f"direct {len(entries)}")
     progress.done()
     n = len(latencies)
     cumulative = np.cumsum(latencies)

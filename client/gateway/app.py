@@ -9,6 +9,8 @@ import functools
 import logging
 import time
 from dataclasses import dataclass
+
+import numpy as np
 from pathlib import Path
 from typing import Literal
 
@@ -19,7 +21,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flux2_klein.contract import OUTPUT
-from flux2_klein.sizes import MAX_REFERENCES
+from flux2_klein.sizes import DEFAULT_SIZE, MAX_REFERENCES
 
 from ..triton_client import INVALID_ARGUMENT, build_inputs, to_generation_error
 from .body import (
@@ -173,15 +175,32 @@ class Gateway:
         import tritonclient.grpc as grpcclient
 
         s = self.settings
+        from tritonclient.utils import InferenceServerException
+
+        from flux2_klein.guardrail.core import filtered_stage
+
         inputs = build_inputs(
             gen.prompt, width=gen.width, height=gen.height, seed=seed, steps=gen.steps, guidance=gen.guidance,
             references=gen.references, protocol="grpc",
+            disable_safety_checker=True if gen.disable_safety_checker else None,
         )
         triton_id = request_id if gen.samples == 1 else f"{request_id}.{index}"
-        result = await self.client.infer(
-            s.model, inputs, outputs=[grpcclient.InferRequestedOutput(OUTPUT.name)], request_id=triton_id,
-            client_timeout=max(deadline - time.monotonic(), 0.001),
-        )
+        try:
+            result = await self.client.infer(
+                s.model, inputs, outputs=[grpcclient.InferRequestedOutput(OUTPUT.name)], request_id=triton_id,
+                client_timeout=max(deadline - time.monotonic(), 0.001),
+            )
+        except InferenceServerException as e:
+            stage = filtered_stage(e.message() or "")
+            if stage is None:
+                raise
+            # NIM's answer to a refused request: the artifact says CONTENT_FILTERED, and its image is black
+            # (nothing of what was asked or generated leaves); the guardrail's audit line has the details.
+            log.info("request %s: content filtered (%s)", triton_id, stage)
+            width, height = (gen.width or DEFAULT_SIZE[0], gen.height or DEFAULT_SIZE[1])
+            black = np.zeros((height, width, 3), dtype=np.uint8)
+            encoded = await asyncio.to_thread(encode_image, black, gen.output_format, gen.output_quality)
+            return Image(seed=seed, data=encoded, width=width, height=height, finish_reason="CONTENT_FILTERED")
         image = result.as_numpy(OUTPUT.name)
         if image is None or image.dtype.name != "uint8" or image.ndim != 3 or image.shape[2] != 3:
             got = "nothing" if image is None else f"{image.dtype} {list(image.shape)}"

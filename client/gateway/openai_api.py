@@ -148,7 +148,7 @@ def add_openai_routes(app: FastAPI, gateway) -> None:
         body = _validated(parse_json_object(await request.body()), strict=True)
         generation = body.generation([])
         images = await gateway.generate(generation, request.scope["state"]["request_id"])
-        return JSONResponse(_answer(images, generation.output_format))
+        return JSONResponse(_answer(_refuse_filtered(images), generation.output_format))
 
     @app.post("/v1/images/edits", summary="Edit images (OpenAI's Images API)", responses=answer,
               openapi_extra={"requestBody": {"required": True,
@@ -157,7 +157,17 @@ def add_openai_routes(app: FastAPI, gateway) -> None:
         body, references = await _edit_request(request)
         generation = body.generation(references)
         images = await gateway.generate(generation, request.scope["state"]["request_id"])
-        return JSONResponse(_answer(images, generation.output_format))
+        return JSONResponse(_answer(_refuse_filtered(images), generation.output_format))
+
+
+CONTENT_POLICY = "content filtered: the request or its image was refused by the content policy"
+
+
+def _refuse_filtered(images):
+    """OpenAI answers a refused request with an error (code content_policy_violation), not an image."""
+    if any(image.finish_reason == "CONTENT_FILTERED" for image in images):
+        raise ApiError(400, CONTENT_POLICY)
+    return images
 
 
 def openai_error(status: int, detail: str) -> tuple[int, dict]:
@@ -166,7 +176,7 @@ def openai_error(status: int, detail: str) -> tuple[int, dict]:
     named = _FIELD.match(detail) if status == 400 else None
     param = None if named is None else "size" if named.group(1) == "width/height" else named.group(1)
     kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    code = "invalid_api_key" if status == 401 else None
+    code = "invalid_api_key" if status == 401 else "content_policy_violation" if detail == CONTENT_POLICY else None
     return status, {"error": {"message": detail, "type": kind, "param": param, "code": code}}
 
 
