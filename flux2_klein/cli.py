@@ -117,7 +117,8 @@ def _batching(args):
 def _serve(args) -> int:
     from .server import serve
 
-    code = serve(args.repository, args.http_port, args.grpc_port, args.metrics_port)
+    code = serve(args.repository, args.http_port, args.grpc_port, args.metrics_port, address=args.address,
+                 grace_s=args.grace)
     if code not in (0, -15):
         log.error("tritonserver exited with status %d (its log above says why)", code)
     return 0 if code in (0, -15) else (code if code > 0 else 1)
@@ -218,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Triton's gRPC port, the one `generate` and the gateway use (default 8001)")
     s.add_argument("--metrics-port", type=int, default=8002, metavar="N",
                    help="Triton's Prometheus metrics port (default 8002)")
+    s.add_argument("--address", default="127.0.0.1", metavar="ADDR",
+                   help="the interface Triton's ports bind (default 127.0.0.1; 0.0.0.0 exposes Triton's own API, "
+                        "which has requests that abort it: put the gateway in front instead)")
+    s.add_argument("--grace", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM, seconds for requests in flight to finish before Triton stops (default 30)")
     s.set_defaults(func=_serve)
 
     from .client.generate import add_generate_parser

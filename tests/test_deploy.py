@@ -61,9 +61,9 @@ class FakeBuilder:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, checkpoint, out, *, runtime, precision, onnx_dir=None, work=None):
+    def __call__(self, checkpoint, out, *, runtime, precision, onnx_dir=None, work=None, loras=(), guardrail=None):
         self.calls.append({"checkpoint": checkpoint, "out": out, "runtime": runtime, "precision": precision,
-                           "work": work})
+                           "work": work, "loras": loras, "guardrail": guardrail})
         (out / "flux2_klein").mkdir(parents=True)
         (out / "flux2_klein" / "config.pbtxt").write_text('name: "flux2_klein"\n')
         (out / "build.json").write_text(json.dumps({"runtime": runtime}))
@@ -89,7 +89,7 @@ def test_profile_key_is_stable_and_changes_with_every_component():
     variants = {
         "gpu": "NVIDIA H200", "compute_capability": "10.0", "tensorrt": "10.14.1.48", "precision": "bf16",
         "runtime": "onnxruntime", "checkpoint": "e" * 64, "checkpoint_revision": "abc123", "code": "f" * 64,
-        "schema": 2,
+        "schema": 2, "loras": "0123456789abcdef", "guardrail": {"prompt_check": False},
     }
     assert set(variants) == set(base), "every component is exercised"
     keys = {profile_key({**base, name: value}) for name, value in variants.items()}
@@ -678,3 +678,25 @@ def test_tritonserver_dying_after_ready_is_restarted_within_a_budget(tmp_path):
     assert sup.run() == 0, "restarted, then stopped on request"
     t.join()
     assert starts.read_text().count("start") == 2 and len(sup.budget.times) == 1
+
+
+def test_loras_and_the_guardrail_are_settings_and_part_of_the_profile_key(light_ckpt, tmp_path):
+    from flux2_klein.container.profile import profile_components, profile_key
+
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"not really a LoRA, but bytes to fingerprint")
+    plain = Settings.from_env({"FLUX2_KLEIN_CHECKPOINT": str(light_ckpt)})
+    styled = Settings.from_env({"FLUX2_KLEIN_CHECKPOINT": str(light_ckpt), "FLUX2_KLEIN_LORAS": f"{lora}:0.5"})
+    assert [(str(x.path), x.scale) for x in styled.loras] == [(str(lora), 0.5)]
+    strict = tmp_path / "guardrail.toml"
+    strict.write_text("prompt_check = true\nblocklists = [\"default\"]\naudit_prompt = false\n"
+                      "allow_disable_safety_checker = true\n")
+    guarded = Settings.from_env({"FLUX2_KLEIN_CHECKPOINT": str(light_ckpt), "FLUX2_KLEIN_GUARDRAIL": str(strict)})
+    assert guarded.guardrail.allow_disable_safety_checker and not plain.guardrail.allow_disable_safety_checker
+    keys = {profile_key(profile_components(s, H100, "ckpt", "code")) for s in (plain, styled, guarded)}
+    assert len(keys) == 3
+    for env, words in [({"FLUX2_KLEIN_LORAS": str(tmp_path / "missing.safetensors")}, "FLUX2_KLEIN_LORAS"),
+                       ({"FLUX2_KLEIN_LORAS": f"{lora}:lots"}, "FLUX2_KLEIN_LORAS"),
+                       ({"FLUX2_KLEIN_GUARDRAIL": str(tmp_path / "none.toml")}, "guardrail")]:
+        with pytest.raises(ConfigError, match=words):
+            Settings.from_env(env)

@@ -124,7 +124,7 @@ def work_folder(cache: Path, key: str) -> Path:
 
 
 def build_for_runtime(checkpoint: Path, out: Path, *, runtime: str, precision: str,
-                      onnx_dir: Path | None = None, work: Path | None = None) -> Path:
+                      onnx_dir: Path | None = None, work: Path | None = None, loras=(), guardrail=None) -> Path:
     """The one place that knows how each runtime's build is called. `work` (tensorrt): where the ONNX
     exports, the FP8 calibration and the timing cache go (`work_folder`), kept when a build fails."""
     from ..repository import build_repository
@@ -133,10 +133,11 @@ def build_for_runtime(checkpoint: Path, out: Path, *, runtime: str, precision: s
         if onnx_dir is not None:
             raise ConfigError(ONNX_DIR_TENSORRT)
         return build_repository(checkpoint, out, runtime="tensorrt", precision=precision,
-                                work=work or Path(out).parent / "work")
+                                work=work or Path(out).parent / "work", loras=loras, guardrail=guardrail)
     # ONNX Runtime is the CPU path for checks: float32 graphs whatever FLUX2_KLEIN_PRECISION says (it stays
     # in the profile key all the same).
-    return build_repository(checkpoint, out, runtime="onnxruntime", onnx_dir=onnx_dir)
+    return build_repository(checkpoint, out, runtime="onnxruntime", onnx_dir=onnx_dir, loras=loras,
+                            guardrail=guardrail)
 
 
 @contextlib.contextmanager
@@ -190,6 +191,10 @@ def _prepare(settings: Settings, target: Target | None, builder: Callable[..., o
     builder = builder or build_for_runtime
 
     extra = {}
+    if settings.loras:
+        extra["loras"] = settings.loras
+    if settings.guardrail is not None:
+        extra["guardrail"] = settings.guardrail
     if settings.runtime == "tensorrt":
         # In the cache volume, keyed like the repository: a build that fails after an hour of export and
         # calibration resumes from them, and the timing cache persists. Kept after a build, whatever its end.

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Iterator, Mapping
 
+from ..lora import fingerprint as lora_fingerprint
 from ..target import Target
 from .settings import Settings
 
@@ -99,6 +100,11 @@ def profile_components(settings: Settings, target: Target, checkpoint_hash: str,
         "checkpoint": checkpoint_hash,
         "checkpoint_revision": settings.checkpoint_revision,
         "code": code_hash,
+        # A changed LoRA or guardrail is another repository (the guardrail is written into it, and its
+        # classifiers load with the models).
+        "loras": lora_fingerprint(list(settings.loras)),
+        # (As JSON keeps it: the stored components are compared with these to tell a stale repository.)
+        "guardrail": json.loads(json.dumps(settings.guardrail.to_dict())) if settings.guardrail is not None else None,
     }
 
 

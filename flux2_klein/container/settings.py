@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -33,6 +33,10 @@ ENV_VARS: tuple[tuple[str, str, str], ...] = (
     ("FLUX2_KLEIN_ONNX_DIR", "", "reuse graphs already written by `flux2-klein export onnx` instead of exporting"),
     ("FLUX2_KLEIN_CHECKPOINT_REVISION", "", "any string mixed into the profile key (e.g. the checkpoint's commit); "
                                       "change it when weights changed where the fingerprint does not look"),
+    ("FLUX2_KLEIN_LORAS", "", "klein LoRAs fused into the weights before the build, FILE[:SCALE] comma-separated "
+                             "(mounted read-only); their bytes and scales are part of the profile key"),
+    ("FLUX2_KLEIN_GUARDRAIL", "", "the guardrail's settings file (docs/GUARDRAIL.md); FLUX2_KLEIN_GUARDRAIL_* variables "
+                                 "override it; default: the prompt check with the shipped blocklist"),
     ("FLUX2_KLEIN_REBUILD", "0", "1: rebuild the repository on this start even when the cached one is fresh"),
     ("FLUX2_KLEIN_STOP_TIMEOUT", "30", "seconds the children get to stop after SIGTERM before SIGKILL"),
 )
@@ -41,6 +45,12 @@ ONNX_DIR_TENSORRT = (
     "FLUX2_KLEIN_ONNX_DIR: only the onnxruntime runtime reuses exported graphs; tensorrt exports its own "
     "(bf16 graphs, the FP8 transformer with its calibration) into <cache>/work/<profile key>, kept across "
     "failed builds; unset FLUX2_KLEIN_ONNX_DIR or set FLUX2_KLEIN_RUNTIME=onnxruntime")
+
+
+def _default_guardrail():
+    from ..guardrail.settings import GuardrailSettings
+
+    return GuardrailSettings()
 
 
 class ConfigError(ValueError):
@@ -68,6 +78,8 @@ class Settings:
     checkpoint_revision: str = ""
     rebuild: bool = False
     stop_timeout: float = 30.0
+    loras: tuple = ()  # flux2_klein.lora.LoraSpec
+    guardrail: object = field(default_factory=_default_guardrail)  # flux2_klein.guardrail.GuardrailSettings
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -104,6 +116,17 @@ class Settings:
             raise ConfigError(f"FLUX2_KLEIN_STOP_TIMEOUT: {get('FLUX2_KLEIN_STOP_TIMEOUT')!r} is not a number of seconds") from None
         if get("FLUX2_KLEIN_ONNX_DIR") and choice("FLUX2_KLEIN_RUNTIME", RUNTIMES) == "tensorrt":
             raise ConfigError(ONNX_DIR_TENSORRT)
+        from ..guardrail import load_settings
+        from ..lora import LoraError, LoraSpec
+
+        try:
+            loras = tuple(LoraSpec.parse(x.strip()) for x in get("FLUX2_KLEIN_LORAS").split(",") if x.strip())
+        except LoraError as e:
+            raise ConfigError(f"FLUX2_KLEIN_LORAS: {e}") from None
+        try:
+            guardrail = load_settings(env=env)
+        except ValueError as e:  # SettingsError, BlocklistError, ClassifierError: they name the setting
+            raise ConfigError(f"guardrail: {e}") from None
         rebuild = get("FLUX2_KLEIN_REBUILD").lower()
         if rebuild not in ("", "0", "1", "true", "false", "yes", "no"):
             raise ConfigError(f"FLUX2_KLEIN_REBUILD: {rebuild!r} is not 0 or 1")
@@ -125,5 +148,7 @@ class Settings:
             checkpoint_revision=get("FLUX2_KLEIN_CHECKPOINT_REVISION"),
             rebuild=rebuild in ("1", "true", "yes"),
             stop_timeout=max(0.0, stop_timeout),
+            loras=loras,
+            guardrail=guardrail,
         )
 
