@@ -118,3 +118,44 @@ def test_preprocess_refuses_an_oversized_prompt_before_tokenizing():
             parse_prompt(np.array([value], dtype=object))
         assert info.value.field == "prompt" and str(MAX_PROMPT_CHARS) in str(info.value)
     assert time.monotonic() - start < 2
+
+
+ALICE, BOB = "alice-key-0123456789", "bob-key-0123456789ab"
+
+
+def test_named_keys_each_with_its_rate_limit_and_an_audit_line_without_the_prompt(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="flux2_klein.gateway")
+    keys = tmp_path / "keys.json"
+    keys.write_text('{"bob": {"key": "%s", "per_minute": 1}}' % BOB)
+    g = InProcessGateway(triton_url=NOWHERE, api_keys=f"alice={ALICE}", api_keys_file=str(keys), rate_per_minute=2)
+    try:
+        auth = lambda key: {"Authorization": f"Bearer {key}"}  # noqa: E731
+        assert g.infer({"prompt": 7}, auth("not-a-key-of-ours-at-all")).status == 401
+        # alice: 2 a minute; bob: 1 (his own). A bad body still counts: the limit comes before any work.
+        assert [g.infer({"prompt": 7}, auth(ALICE)).status for _ in range(3)] == [422, 422, 429]
+        over = g.infer({"prompt": 7}, auth(BOB)), g.infer({"prompt": 7}, auth(BOB))
+        assert [a.status for a in over] == [422, 429]
+        assert int(over[1].headers["retry-after"]) >= 1 and "key bob" in over[1].detail
+        assert "key" not in g.request("GET", "/v1/health/live").body.decode()  # open paths need no key
+    finally:
+        g.stop()
+    g = InProcessGateway(triton_url=NOWHERE, api_keys=f"alice={ALICE}")
+    try:
+        answer = g.infer({"prompt": "a secret lighthouse"}, {"Authorization": f"Bearer {ALICE}"})
+        assert answer.status == 503  # no Triton behind it: what matters here is the audit line
+        metrics = g.request("GET", "/v1/metrics", headers={"Authorization": f"Bearer {ALICE}"}).body.decode()
+        assert metric(metrics, "flux2_klein_gateway_key_requests_total", key="alice", outcome="error") == 1
+    finally:
+        g.stop()
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("audit ")]
+    assert "caller=key alice" in line and "prompt_sha256=" in line and "outcome=error" in line
+    assert "lighthouse" not in caplog.text and ALICE not in caplog.text
+
+
+def test_without_keys_the_limit_is_per_client_address():
+    g = InProcessGateway(triton_url=NOWHERE, rate_per_minute=1)
+    try:
+        assert [g.infer({"prompt": 7}).status for _ in range(2)] == [422, 429]
+        assert "address 127.0.0.1" in g.infer({"prompt": 7}).detail
+    finally:
+        g.stop()

@@ -80,6 +80,13 @@ class Gateway:
         self.in_flight = 0
         self.client = None  # tritonclient.grpc.aio.InferenceServerClient, made inside the event loop
         self.created = int(time.time())
+        self.keys = settings.key_store()  # named keys, or None (then settings.api_key alone, if set)
+        if settings.rate_per_minute:
+            from flux2_klein.guardrail.limits import RateLimiter
+
+            self.rate = RateLimiter(settings.rate_per_minute)
+        else:
+            self.rate = None
 
     async def open(self) -> None:
         # Why tritonclient.grpc.aio rather than the synchronous Flux2KleinClient in a thread pool: an await
@@ -133,7 +140,24 @@ class Gateway:
 
     # -- image generation, for every API ------------------------------------------------------------------------
 
-    async def generate(self, gen: Generation, request_id: str) -> list[Image]:
+    async def generate(self, gen: Generation, request_id: str, caller: str = "?") -> list[Image]:
+        """`generate_images` with one audit line per request: who (the key's name or the address), a hash of
+        the prompt (never the prompt), and what came of it."""
+        import hashlib
+
+        outcome = "error"
+        try:
+            images = await self.generate_images(gen, request_id)
+            outcome = ",".join(sorted({image.finish_reason for image in images}))
+            return images
+        finally:
+            if caller.startswith("key "):
+                self.metrics.by_key.labels(caller[4:], outcome).inc()
+            log.info("audit request=%s caller=%s prompt_sha256=%s samples=%d outcome=%s", request_id, caller,
+                     hashlib.sha256(gen.prompt.encode("utf-8", "surrogatepass")).hexdigest()[:16], gen.samples,
+                     outcome)
+
+    async def generate_images(self, gen: Generation, request_id: str) -> list[Image]:
         """A Generation -> its images, in seed order; ApiError for every failure.
 
         Several samples go to Triton as concurrent requests, one per seed, not one after another: the sampler is
@@ -267,7 +291,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         # names its field in this API's terms.
         request_id = request.scope["state"]["request_id"]
         body = parse_body(await request.body())
-        images = await gateway.generate(body.generation(), request_id)
+        images = await gateway.generate(body.generation(), request_id, request.scope["state"].get("caller", "?"))
         return JSONResponse({"artifacts": [
             {"base64": base64.b64encode(image.data).decode("ascii"), "finishReason": image.finish_reason,
              "seed": image.seed} for image in images]})

@@ -113,6 +113,14 @@ def add_gateway_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--api-key", default=os.environ.get(ENV["api_key"]) or None, metavar="KEY",
                    help=f"require 'Authorization: Bearer KEY' (health and docs stay open); prefer the env "
                         f"variable {ENV['api_key']}, since a flag shows in the process list (default: unset, open)")
+    g.add_argument("--api-keys-file", default=_env_default("api_keys_file"), metavar="FILE",
+                   help=env_help("named API keys, JSON {name: key | {key, per_minute}}; with "
+                                 f"{ENV['api_keys']} (name=key,...) and {ENV['api_key']} (named default)",
+                                 "api_keys_file"))
+    g.add_argument("--rate-per-minute", type=typed(_non_negative_int, "rate_per_minute"),
+                   default=_env_default("rate_per_minute"), metavar="N",
+                   help=env_help("requests a minute per API key, or per client address without keys; beyond, "
+                                 "429 with Retry-After (0: no limit)", "rate_per_minute"))
     g.set_defaults(func=run_gateway)
     return g
 
@@ -122,7 +130,8 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         triton_url=args.triton_url, model=args.model, max_body_bytes=args.max_body_bytes,
         max_concurrency=args.max_concurrency, max_queue=args.max_queue, queue_timeout_s=args.queue_timeout,
         body_timeout_s=args.body_timeout, timeout_s=args.timeout, retry_after_s=args.retry_after,
-        api_key=args.api_key or None,
+        api_key=args.api_key or None, api_keys=os.environ.get(ENV["api_keys"]) or None,
+        api_keys_file=args.api_keys_file or None, rate_per_minute=args.rate_per_minute,
     )
 
 

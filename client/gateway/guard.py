@@ -124,8 +124,9 @@ class LimitsMiddleware:
 
         admitted = False
         try:
-            # The API key, checked in constant time.
-            if gw.settings.api_key and scope["path"] not in OPEN_PATHS:
+            # The API key, checked in constant time; with named keys, which one (for limits and the log).
+            caller, per_minute = f"address {(scope.get('client') or ('?',))[0]}", None
+            if (gw.settings.api_key or gw.keys) and scope["path"] not in OPEN_PATHS:
                 auth = headers.get("authorization", "")
                 scheme, _, token = auth.partition(" ")
                 if not auth:
@@ -133,11 +134,28 @@ class LimitsMiddleware:
                         "detail": "authorization required: send the header 'Authorization: Bearer <API key>'"},
                         {"WWW-Authenticate": "Bearer"})
                     return
-                if scheme.lower() != "bearer" or not hmac.compare_digest(
-                        token.strip().encode("latin-1"), gw.settings.api_key.encode()):
+                key = gw.keys.lookup(token.strip()) if gw.keys and scheme.lower() == "bearer" else None
+                valid = key is not None if gw.keys else scheme.lower() == "bearer" and hmac.compare_digest(
+                    token.strip().encode("latin-1"), gw.settings.api_key.encode())
+                if not valid:
                     await _send_json(send_wrapper, 401, {
                         "detail": "invalid API key: send the header 'Authorization: Bearer <API key>'"},
                         {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+                    return
+                caller, per_minute = (f"key {key.name}", key.per_minute) if key else ("key default", None)
+            scope["state"]["caller"] = caller
+
+            # Requests a minute per key (per address without keys): abuse meets 429 before any work.
+            if gw.rate is not None and scope["path"] in GENERATING_PATHS:
+                from flux2_klein.guardrail.limits import retry_after_header
+
+                admission = gw.rate.acquire(caller, per_minute)
+                if not admission.allowed:
+                    log.info("request %s: %s over its rate limit", request_id, caller)
+                    await _send_json(send_wrapper, 429, {
+                        "detail": f"rate limit: {per_minute or gw.settings.rate_per_minute} requests a minute for "
+                                  f"{caller}; retry after the Retry-After seconds"},
+                        {"Retry-After": retry_after_header(admission)})
                     return
 
             # The body size, from Content-Length before a byte is read; counted while reading otherwise.

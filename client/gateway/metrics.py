@@ -32,6 +32,9 @@ class Metrics:
         self.limit = Gauge(p + "max_concurrency", "The most image requests served at once",
                            registry=self.registry)
         self.limit.set(max_concurrency)
+        # By the API key's name only (never by client address: that would be unbounded).
+        self.by_key = Counter(p + "key_requests", "Image requests by named API key, and how they ended",
+                              ["key", "outcome"], registry=self.registry)
 
     def observe(self, path: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(path, method, str(status)).inc()

@@ -147,7 +147,8 @@ def add_openai_routes(app: FastAPI, gateway) -> None:
     async def generations(request: Request):
         body = _validated(parse_json_object(await request.body()), strict=True)
         generation = body.generation([])
-        images = await gateway.generate(generation, request.scope["state"]["request_id"])
+        images = await gateway.generate(generation, request.scope["state"]["request_id"],
+                                        request.scope["state"].get("caller", "?"))
         return JSONResponse(_answer(_refuse_filtered(images), generation.output_format))
 
     @app.post("/v1/images/edits", summary="Edit images (OpenAI's Images API)", responses=answer,
@@ -156,7 +157,8 @@ def add_openai_routes(app: FastAPI, gateway) -> None:
     async def edits(request: Request):
         body, references = await _edit_request(request)
         generation = body.generation(references)
-        images = await gateway.generate(generation, request.scope["state"]["request_id"])
+        images = await gateway.generate(generation, request.scope["state"]["request_id"],
+                                        request.scope["state"].get("caller", "?"))
         return JSONResponse(_answer(_refuse_filtered(images), generation.output_format))
 
 

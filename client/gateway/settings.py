@@ -24,6 +24,9 @@ ENV = {
     "timeout_s": "FLUX2_KLEIN_GATEWAY_TIMEOUT_S",
     "retry_after_s": "FLUX2_KLEIN_GATEWAY_RETRY_AFTER_S",
     "api_key": "FLUX2_KLEIN_API_KEY",
+    "api_keys": "FLUX2_KLEIN_API_KEYS",
+    "api_keys_file": "FLUX2_KLEIN_GATEWAY_API_KEYS_FILE",
+    "rate_per_minute": "FLUX2_KLEIN_GATEWAY_RATE_PER_MINUTE",
 }
 DEFAULTS = {
     "host": "0.0.0.0",
@@ -40,6 +43,8 @@ DEFAULTS = {
     "body_timeout_s": "30",
     "timeout_s": "300",
     "retry_after_s": "1",
+    # Requests a minute per API key (per client address where there are no keys); 0: no such limit.
+    "rate_per_minute": "0",
 }
 
 
@@ -71,6 +76,11 @@ class GatewaySettings:
     timeout_s: float = float(DEFAULTS["timeout_s"])
     retry_after_s: int = int(DEFAULTS["retry_after_s"])
     api_key: str | None = None
+    # Named keys, "name=key,name2=key2" (from FLUX2_KLEIN_API_KEYS only: secrets stay out of the process list)
+    # and/or a JSON file {name: key | {"key": ..., "per_minute": N}}; see flux2_klein/guardrail/limits.py.
+    api_keys: str | None = None
+    api_keys_file: str | None = None
+    rate_per_minute: int = int(DEFAULTS["rate_per_minute"])
 
     def __post_init__(self):
         if self.max_body_bytes <= 0:
@@ -87,3 +97,14 @@ class GatewaySettings:
             raise ValueError(f"queue_timeout_s must be >= 0 seconds; got {self.queue_timeout_s}")
         if self.retry_after_s < 0:
             raise ValueError(f"retry_after_s must be >= 0; got {self.retry_after_s}")
+        if self.rate_per_minute < 0:
+            raise ValueError(f"rate_per_minute must be >= 0 (0: no limit); got {self.rate_per_minute}")
+
+    def key_store(self):
+        """The named keys (guardrail.limits.KeyStore, FLUX2_KLEIN_API_KEY among them as "default"), or None
+        when only the single key (or none) is set; LimitsError names a bad key or file."""
+        if not (self.api_keys or self.api_keys_file):
+            return None
+        from flux2_klein.guardrail.limits import KeyStore
+
+        return KeyStore.from_sources(file=self.api_keys_file, variable=self.api_keys, single=self.api_key)
