@@ -372,11 +372,26 @@ def run_triton(args) -> dict:
     log = (work / "tritonserver.log").read_text(errors="replace")
     loads = [line.split("flux2-klein ", 1)[1] for line in log.splitlines() if line.startswith("flux2-klein ")]
     build = json.loads((repo / "build.json").read_text())
+    result["guardrail_cost"] = guardrail_cost(repo, work)
     return {"what": f"Triton, leaves in PyTorch {gpu_report.version('torch')}, {DTYPES[args.device]}"
                     + (", DiT GEMMs FP8" if "transformer" in build.get("fp8", []) else "")
                     + (", text encoder GEMMs FP8" if "text_encoder" in build.get("fp8", []) else "")
                     + (f", torch.compile {args.compile}" if args.compile else ", eager"),
             "build_s": build_s, "ready_s": ready_s, "leaf_loads": loads, "batching": build["batching"], **result}
+
+
+def guardrail_cost(repo: Path, work: Path) -> dict:
+    """What the repository's guardrail costs per request, on this run's prompts and first image (in process:
+    the same checks preprocess and the safety model run)."""
+    from flux2_klein.guardrail.core import Guardrail
+    from flux2_klein.guardrail.cost import measure_cost
+    from flux2_klein.guardrail.repository import load
+
+    settings, sources = load(repo / "preprocess")
+    image = work / "triton_image0.npy"
+    images = [np.load(image)] if image.exists() else []
+    return {"settings": settings.to_dict(),
+            **measure_cost(Guardrail(settings, sources), [p for p, _ in prompts("sequential", 8)], images)}
 
 
 # ------------------------------------------------------------------------------------------------ check

@@ -145,6 +145,12 @@ def build(results: dict, args, steps: int, guidance: float) -> Report:
                       f"{o['sampler_own_ms']:.1f} ms, queues {o['queue_ms']:.1f} ms)."]
         batches = [f"{lv['concurrency']}: {lv['sampler_batch_mean']:.2f}" for lv in triton.get("levels", [])]
         lines.append(f"Requests per sampler loop (dynamic batching), by concurrency: {', '.join(batches)}.")
+        cost = triton.get("guardrail_cost")
+        if cost:
+            parts = [f"blocklist {cost['blocklist_us']:.0f} us" if cost.get("blocklist_us") is not None else None,
+                     f"prompt check {cost['prompt_check_ms']:.2f} ms" if cost.get("prompt_check_ms") is not None else None,
+                     f"image check {cost['image_check_ms']:.1f} ms" if cost.get("image_check_ms") is not None else None]
+            lines.append("Guardrail per request (median, in process): " + (", ".join(p for p in parts if p) or "off") + ".")
         if triton.get("leaf_loads"):
             lines += ["", "Leaves at start:", *(f"- {line}" for line in triton["leaf_loads"])]
 
