@@ -700,3 +700,72 @@ def test_loras_and_the_guardrail_are_settings_and_part_of_the_profile_key(light_
                        ({"FLUX2_KLEIN_GUARDRAIL": str(tmp_path / "none.toml")}, "guardrail")]:
         with pytest.raises(ConfigError, match=words):
             Settings.from_env(env)
+
+
+@pytest.mark.slow
+def test_entrypoint_for_real_waits_on_a_shared_cache_then_serves_through_triton_and_the_gateway(tiny_ckpt, onnx_dir,
+                                                                                                  tmp_path):
+    """The container's entrypoint with nothing stood in (issue 16.5): a second replica waits on the cache's
+    lock while another builds, then the real tritonserver and the real gateway serve an image, and SIGTERM
+    stops both. ONNX Runtime on the tiny checkpoint; loopback only."""
+    import fcntl
+
+    from flux2_klein.server import free_port
+    from test_gateway import http_request
+
+    cache = tmp_path / "cache"
+    env = {"FLUX2_KLEIN_CHECKPOINT": str(tiny_ckpt), "FLUX2_KLEIN_CACHE": str(cache), "FLUX2_KLEIN_RUNTIME": "onnxruntime",
+           "FLUX2_KLEIN_ONNX_DIR": str(onnx_dir), "FLUX2_KLEIN_API_KEY": "real-secret-key-0123"}
+    r = _run_entrypoint(env, "--build-only", timeout=300)
+    assert r.returncode == 0, r.stderr
+    repo = Path(r.stdout.strip().splitlines()[-1])
+
+    # Another replica holds the profile's lock (as while building): this one waits, then builds.
+    log_path = tmp_path / "second.log"
+    with open(repo.parent / ".lock", "a+") as held, open(log_path, "w") as log:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        second = subprocess.Popen([sys.executable, "-m", "flux2_klein.entrypoint", "--build-only"], cwd=ROOT,
+                                  env={**os.environ, **env, "FLUX2_KLEIN_REBUILD": "1"}, stdout=log,
+                                  stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while "waiting for it" not in log_path.read_text():
+            assert second.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        time.sleep(1)
+        assert second.poll() is None, "it must not build while the lock is held"
+        fcntl.flock(held, fcntl.LOCK_UN)
+    assert second.wait(timeout=300) == 0, log_path.read_text()
+    assert "engine cache: building" in log_path.read_text()
+
+    ports = {name: str(free_port()) for name in ("GATEWAY_PORT", "TRITON_GRPC_PORT", "TRITON_HTTP_PORT",
+                                                 "TRITON_METRICS_PORT")}
+    env |= {f"FLUX2_KLEIN_{k}": v for k, v in ports.items()} | {"FLUX2_KLEIN_GATEWAY_HOST": "127.0.0.1"}
+    log_path = tmp_path / "entrypoint.log"
+    with open(log_path, "w") as log:
+        p = subprocess.Popen([sys.executable, "-m", "flux2_klein.entrypoint"], cwd=ROOT, env={**os.environ, **env},
+                             stdout=log, stderr=subprocess.STDOUT)
+        try:
+            port = int(ports["GATEWAY_PORT"])
+            deadline = time.monotonic() + 420
+            while True:
+                assert p.poll() is None and time.monotonic() < deadline, log_path.read_text()[-5000:]
+                try:
+                    if http_request(port, "GET", "/v1/health/ready", timeout=5).status == 200:
+                        break
+                except OSError:
+                    pass
+                time.sleep(1)
+            answer = http_request(port, "POST", "/v1/infer", {"prompt": "a lighthouse", "seed": 3},
+                                  {"Authorization": "Bearer real-secret-key-0123"}, timeout=300)
+            assert answer.status == 200, answer
+            (artifact,) = answer.json()["artifacts"]
+            assert artifact["finishReason"] == "SUCCESS" and artifact["seed"] == 3
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(timeout=120) == 0, log_path.read_text()[-5000:]
+        finally:
+            if p.poll() is None:
+                p.kill()
+    text = log_path.read_text()
+    assert "engine cache: reusing" in text
+    with pytest.raises(OSError):  # both children are gone with it
+        http_request(port, "GET", "/v1/health/live", timeout=2)

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from flux2_klein.client.triton_client import Flux2KleinClient, GenerationError
+from flux2_klein.contract import INPUTS
 from parity import assert_images_close
 
 TOLERANCE = 2
@@ -211,6 +212,6 @@ def test_repository_configs_come_from_the_specs(triton_repo, tiny_ckpt):
     te = (triton_repo / "text_encoder" / "config.pbtxt").read_text()
     assert "response_cache { enable: true }" in te and f"dims: [ -1, 512, {specs['text_encoder'].config['width']} ]" in te
     ens = (triton_repo / "flux2_klein" / "config.pbtxt").read_text()
-    assert 'platform: "ensemble"' in ens and ens.count("optional: true") == 7
+    assert 'platform: "ensemble"' in ens and ens.count("optional: true") == len(INPUTS) == 8
     build = json.loads((triton_repo / "build.json").read_text())
     assert set(build["sources"]) == set(specs) and all(len(v["onnx_sha256"]) == 64 for v in build["sources"].values())
