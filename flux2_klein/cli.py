@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .contract import PRECISIONS
+from .repository import COMPILE_MODES
 from .progress import log, setup_logging
 
 
@@ -183,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", choices=("cpu", "gpu"), default=None,
                    help="onnxruntime/torch: where the models' instances run (default cpu)")
     b.add_argument("--compile", nargs="?", const="default", default="",
-                   choices=("default", "max-autotune-no-cudagraphs"),
+                   choices=COMPILE_MODES,
                    help="torch: run the leaves under torch.compile (optionally a mode)")
     b.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="tensorrt, torch on a GPU: the DiT's GEMMs in FP8 or BF16 (default fp8 on tensorrt, "

@@ -175,11 +175,6 @@ def schedule(
     return timesteps.astype(np.float32, copy=False), sigmas
 
 
-def transformer_timestep(t: np.float32 | float, batch: int) -> np.ndarray:
-    """The DiT's `timestep` input: the scheduler's float32 t expanded to the batch, divided by 1000 in float32."""
-    return np.full((batch,), t, dtype=np.float32) / TRANSFORMER_TIMESTEP_DIVISOR
-
-
 def transformer_timesteps(timesteps: torch.Tensor, batch: int) -> torch.Tensor:
     """Every step's DiT `timestep` input at once: float32 [steps, batch], row i for step i.
 
@@ -203,12 +198,6 @@ def step_sizes(sigmas: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ noise
-
-
-def pack_latents(latents: np.ndarray) -> np.ndarray:
-    """[C, h, w] channel-first latents -> [h*w, C] tokens, row-major over the grid (`_pack_latents`)."""
-    channels, rows, cols = latents.shape
-    return np.ascontiguousarray(latents.reshape(channels, rows * cols).T)
 
 
 def initial_noise_tensor(

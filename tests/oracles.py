@@ -64,3 +64,14 @@ class Sampler:
             do_cfg=self.do_cfg(guidance_scale), negative_prompt_embeds=negative_prompt_embeds,
             step_callback=step_callback, device=device,
         )
+
+
+def transformer_timestep(t, batch: int) -> np.ndarray:
+    """The DiT's `timestep` input: the scheduler's float32 t expanded to the batch, divided by 1000 in float32."""
+    return np.full((batch,), t, dtype=np.float32) / sampling.TRANSFORMER_TIMESTEP_DIVISOR
+
+
+def pack_latents(latents: np.ndarray) -> np.ndarray:
+    """[C, h, w] channel-first latents -> [h*w, C] tokens, row-major over the grid (`_pack_latents`)."""
+    channels, rows, cols = latents.shape
+    return np.ascontiguousarray(latents.reshape(channels, rows * cols).T)

@@ -82,7 +82,7 @@ def test_schedule_bit_identical(tiny_ckpt, size, steps):
         assert table.dtype == torch.float32 and table.shape == (steps, batch) and table.is_contiguous()
         for i, t in enumerate(reference.timesteps):
             expected = (t.expand(batch).to(torch.float32) / 1000).numpy()
-            assert np.array_equal(sampling.transformer_timestep(timesteps[i], batch), expected)
+            assert np.array_equal(oracles.transformer_timestep(timesteps[i], batch), expected)
             assert np.array_equal(table[i].numpy(), expected)
     # The Euler steps' dt, as the scheduler's step computes it from its sigmas.
     dts = sampling.step_sizes(torch.from_numpy(sigmas))
@@ -203,7 +203,7 @@ def test_tokens_to_grid_matches_unpack(tiny_pipe, size):
     assert torch.equal(grid_tensor, unpacked[0].permute(1, 2, 0))
     # and packing a channel-first grid is the pipeline's _pack_latents
     chw = unpacked[0].numpy()
-    assert np.array_equal(sampling.pack_latents(chw), tiny_pipe._pack_latents(unpacked)[0].numpy())
+    assert np.array_equal(oracles.pack_latents(chw), tiny_pipe._pack_latents(unpacked)[0].numpy())
 
 
 # ---------------------------------------------------------------------------------------------------- ids

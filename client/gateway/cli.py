@@ -30,24 +30,22 @@ _positive_int = _int_at_least(1, "a positive integer")
 _non_negative_int = _int_at_least(0, "an integer >= 0")
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds; got {text!r}")
-    return value
+def _seconds(positive: bool):
+    """An argparse type: a finite number of seconds, > 0 or >= 0."""
+    what = "a positive number of seconds" if positive else "a number of seconds >= 0"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+            raise argparse.ArgumentTypeError(f"expected {what}; got {text!r}")
+        return value
+    return parse
 
 
-def _non_negative_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0; got {text!r}")
-    return value
+_positive_seconds, _non_negative_seconds = _seconds(True), _seconds(False)
 
 
 def _port(text: str) -> int:
