@@ -73,11 +73,14 @@ def slim_wheel(wheel: Path, dropped) -> Path:
     return wheel
 
 
-def working_tree_bytes(root: Path) -> int:
-    """Tracked and untracked-not-ignored files: what the device tool sends besides .whl/."""
+def working_tree_bytes(root: Path, wheels: Path | None = None) -> int:
+    """Tracked and untracked-not-ignored files: what the device tool sends besides the wheels (not counted
+    twice when their folder is not git-ignored)."""
     out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
                          capture_output=True, check=True).stdout
-    return sum((root / f).stat().st_size for f in out.decode().split("\0") if f and (root / f).is_file())
+    skip = wheels.resolve() if wheels is not None else None
+    files = [root / f for f in out.decode().split("\0") if f]
+    return sum(f.stat().st_size for f in files if f.is_file() and not (skip and f.resolve().is_relative_to(skip)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     for w in wheels:
         print(f"{w.stat().st_size / 2**20:7.1f} MiB  {w.name}")
     total = sum(w.stat().st_size for w in wheels)
-    tree = working_tree_bytes(Path(__file__).resolve().parent.parent)
+    tree = working_tree_bytes(Path(__file__).resolve().parent.parent, args.out)
     print(f"{total / 2**20:7.1f} MiB  wheels, {tree / 2**20:.1f} MiB working tree, {BUDGET / 2**20:.0f} MiB allowed")
     if total + tree > BUDGET:
         print("too much to carry: the device tool would refuse it", file=sys.stderr)

@@ -4,18 +4,27 @@
     python bench/gpu_bench.py all --checkpoint CKPT --work DIR [options]       (bench/gpu_hopper.sh runs it)
     python bench/gpu_bench.py all --tiny --device cpu --work DIR ...           a CPU rehearsal, tiny checkpoint
 
-Phases; the ones that use the accelerator run each in a process of its own, so each finds the GPU free:
+Phases; the ones that use the accelerator run each in a process of its own, so each finds the GPU free. Each
+writes WORK/<phase>.json as it goes (after every level), so a phase cut short still leaves what it measured:
   check               seconds: tritonserver, its Python-backend stub, libpython, the models' clean environment
+  smoke               the triton phase's served configuration (bf16 boundary, torch leaves, FP8 on a GPU,
+                      compile) on the given checkpoint with two requests: ready, answers, compiles nothing
   diffusers           Flux2KleinPipeline, eager: seconds per image one at a time, images/s with a batch of c
                       prompts per call for each c; then FP8 (torchao, our layer choice) against BF16 on the same
                       inputs: the DiT velocity's error and the image's PSNR (text encoder too, in FP8)
   diffusers-compiled  the same pipeline with torch.compile on its transformer and VAE decoder
   triton              `flux2-klein build --runtime torch --device gpu` (precision, compile, warm sizes as asked),
                       served by tritonserver: seconds to ready, latency one at a time, images/s with c clients,
-                      every model's time from Triton's statistics, the serving overhead
+                      every model's time from Triton's statistics, each network's own time from the leaves'
+                      metrics (flux2_klein/leaf_timing.py), the serving overhead, compiles after warm-up
   report              report.md and report.json from the phases' results (bench/gpu_report.py)
 Every side gets the same prompts and seeds (prompt i, seed i); warm-up requests use other prompts, and each
-concurrency level yet others, so Triton's response cache never answers a timed request.
+concurrency level yet others, so Triton's response cache never answers a timed request. Both sides run under
+the same inductor and cuDNN settings (torch_runtime.configure_torch) and are timed the same way: from the
+prompt to a uint8 image in host memory (diffusers' tensor output converted on the GPU, as our VAE leaf does).
+A triton or smoke phase whose leaves compiled anything after warm-up exits 3, its result written.
+One file over 400 lines on purpose: it travels to the GPU machine as a plain script beside gpu_report.py
+(bench/ is no package), and its phases share the helpers here.
 """
 
 from __future__ import annotations
@@ -79,7 +88,10 @@ def _pipeline(args):
     from diffusers import Flux2KleinPipeline
 
     from flux2_klein.export.onnx_export import DTYPES as TORCH_DTYPES
+    from flux2_klein.torch_runtime import configure_torch
 
+    # The leaves' inductor and cuDNN settings; one process compiles here, so it takes every core's worker.
+    args.torch_settings = configure_torch(DTYPES[args.device], processes=1)
     device = "cuda" if args.device == "gpu" else "cpu"
     start = time.perf_counter()
     pipe = Flux2KleinPipeline.from_pretrained(args.checkpoint, dtype=TORCH_DTYPES[DTYPES[args.device]]).to(device)
@@ -98,14 +110,18 @@ def _caller(pipe, args):
         _sync(args.device == "gpu")
         t = time.perf_counter()
         out = pipe(prompt=[p for p, _ in batch], height=height, width=width, num_inference_steps=steps,
-                   guidance_scale=guidance, generator=generators)
+                   guidance_scale=guidance, generator=generators, output_type="pt")
+        # What our VAE leaf does on the GPU and what diffusers' PIL path computes: [0, 1] * 255, rounded half
+        # to even, as uint8 HWC; then to host memory, where Triton's client holds its image.
+        images = (out.images.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
         _sync(args.device == "gpu")
-        return time.perf_counter() - t, [np.asarray(im) for im in out.images]
+        return time.perf_counter() - t, list(images.numpy())
     return call
 
 
-def _measure_pipeline(call, args, tag: str) -> dict:
-    """Latency one at a time, then images/s with a batch of c prompts per call, for each c."""
+def _measure_pipeline(call, args, tag: str, save=lambda part: None) -> dict:
+    """Latency one at a time, then images/s with a batch of c prompts per call, for each c; `save(part)` after
+    each, so that a phase cut short keeps what it measured."""
     for job in prompts("warm-up", args.warmup):
         call([job])
     latencies, first = [], None
@@ -115,6 +131,7 @@ def _measure_pipeline(call, args, tag: str) -> dict:
         first = images[0] if first is None else first
     np.save(Path(args.work) / f"{tag}_image0.npy", first)
     levels = []
+    save({"latency_s": summary(latencies), "levels": levels})
     for c in args.concurrency:
         if args.warmup and c > 1:
             call(prompts(f"warm-up batch {c}", c))
@@ -122,6 +139,7 @@ def _measure_pipeline(call, args, tag: str) -> dict:
         seconds = [call(jobs[i * c:(i + 1) * c])[0] for i in range(args.rounds)]
         levels.append({"concurrency": c, "how": f"a batch of {c} prompts per call", "images": c * args.rounds,
                        "seconds": sum(seconds), "images_per_s": c * args.rounds / sum(seconds)})
+        save({"latency_s": summary(latencies), "levels": levels})
     return {"latency_s": summary(latencies), "levels": levels}
 
 
@@ -146,8 +164,11 @@ def _fp8_error(pipe, call, args) -> dict:
     job = prompts("fp8", 1)
     _, (bf16_image,) = call(job)
     handle.remove()
+    from flux2_klein.torch_runtime import fp8_layers
+
     with torch.inference_mode():
         ref = pipe.transformer(**captured)[0].float()
+        chosen = fp8_layers("transformer", pipe.transformer)
         layers = quantize_fp8(pipe.transformer, "transformer")
         got = pipe.transformer(**captured)[0].float()
     _, (dit_image,) = call(job)
@@ -159,7 +180,7 @@ def _fp8_error(pipe, call, args) -> dict:
     return {
         "how": "torchao Float8DynamicActivationFloat8WeightConfig(PerRow): dynamic per-row activation scales, "
                "per-row weight scales; one DiT call's inputs replayed, and one whole image",
-        "dit_layers": len(layers), "text_encoder_layers": len(te_layers),
+        "dit_layers": len(layers), "dit_layers_chosen": len(chosen), "text_encoder_layers": len(te_layers),
         "velocity_relative_error": float(err),
         "velocity_psnr_db": _psnr(v_got, v_ref, float(np.abs(v_ref).max())),
         "image_psnr_db_dit_fp8": _psnr(dit_image, bf16_image, 255.0),
@@ -167,7 +188,7 @@ def _fp8_error(pipe, call, args) -> dict:
     }
 
 
-def run_diffusers(args, compiled: bool) -> dict:
+def run_diffusers(args, compiled: bool, save=lambda part: None) -> dict:
     import torch
 
     from diffusers import __version__ as diffusers_version
@@ -188,13 +209,15 @@ def run_diffusers(args, compiled: bool) -> dict:
             for c in sorted({1, *args.concurrency}):
                 call(prompts(f"compile {c}", c))
             compile_s = time.perf_counter() - start
-        result = _measure_pipeline(call, args, "diffusers_compiled" if compiled else "diffusers")
+        head = {"what": what, "load_s": load_s, "compile_s": compile_s, "torch_settings": args.torch_settings}
+        result = _measure_pipeline(call, args, "diffusers_compiled" if compiled else "diffusers",
+                                   lambda part: save({**head, **part}))
     if not compiled:
         if gpu and torch.cuda.get_device_capability() >= (8, 9):
             result["fp8"] = _fp8_error(pipe, call, args)
         else:
             result["fp8"] = {"skipped": "FP8 GEMMs need a GPU of compute capability 8.9+"}
-    return {"what": what, "load_s": load_s, "compile_s": compile_s, **result,
+    return {"what": what, "load_s": load_s, "compile_s": compile_s, "torch_settings": args.torch_settings, **result,
             "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None}
 
 
@@ -241,11 +264,28 @@ class HttpStatistics:
             return json.loads(r.read())
 
 
-def measure_triton(url: str, args, work: Path) -> dict:
+def _networks(d: dict, requests: int) -> dict:
+    """The leaves' own network time (leaf_timing's metrics delta over a level) per request."""
+    n = max(requests, 1)
+    return {m: {"calls_per_request": row["calls"] / n, "network_ms": 1000 * row["network_s"] / n,
+                "compiles": row["compiles"]} for m, row in sorted(d.items())}
+
+
+def overhead_inside(e2e_ms: float, networks: dict) -> dict:
+    """Serving overhead measured from inside: end to end minus the networks themselves (every leaf's own
+    timing of its forward pass), so what Triton adds inside a leaf's compute time counts as overhead too."""
+    network = sum(row["network_ms"] for row in networks.values())
+    return {"e2e_ms": e2e_ms, "network_ms": network, "overhead_ms": e2e_ms - network}
+
+
+def measure_triton(url: str, args, work: Path, metrics_url: str | None = None, save=lambda part: None,
+                   tag: str = "triton") -> dict:
     from flux2_klein.client.bench import stats
+    from flux2_klein.leaf_timing import metrics_delta, read_metrics
 
     steps, guidance = checkpoint_defaults(args.checkpoint)
     client = HttpStatistics(url)
+    metrics = (lambda: read_metrics(metrics_url)) if metrics_url else (lambda: {})
 
     def one(job):
         t = time.perf_counter()
@@ -258,17 +298,22 @@ def measure_triton(url: str, args, work: Path) -> dict:
         if args.warmup and c > 1:
             with ThreadPoolExecutor(c) as pool:
                 list(pool.map(one, prompts(f"warm-up {c}", c)))
-    before = stats.settled_snapshot(client)
+    before, inside_before = stats.settled_snapshot(client), metrics()
     latencies, first = [], None
     for job in prompts("sequential", args.requests):
         seconds, image = one(job)
         latencies.append(seconds)
         first = image if first is None else first
     after = stats.settled_snapshot(client, expected=None)
-    np.save(work / "triton_image0.npy", first)
+    np.save(work / f"{tag}_image0.npy", first)
     one_level = {"latency_ms": {"avg": 1000 * statistics.fmean(latencies)},
                  "models": stats.model_table(stats.delta(before, after))}
-    levels = []
+    out = {"latency_s": summary(latencies), "models_c1": one_level["models"],
+           "overhead_c1": stats.overhead(one_level), "levels": []}
+    if metrics_url:
+        out["networks_c1"] = _networks(metrics_delta(inside_before, metrics()), len(latencies))
+        out["overhead_inside_c1"] = overhead_inside(one_level["latency_ms"]["avg"], out["networks_c1"])
+    save(out)
     for c in args.concurrency:
         jobs = prompts(f"concurrent {c}", c * args.rounds)
         before = stats.settled_snapshot(client)
@@ -277,12 +322,14 @@ def measure_triton(url: str, args, work: Path) -> dict:
             results = list(pool.map(one, jobs))
             wall = time.perf_counter() - start
         models = stats.model_table(stats.delta(before, stats.settled_snapshot(client)))
-        levels.append({"concurrency": c, "how": f"{c} clients at once", "images": len(jobs), "seconds": wall,
-                       "images_per_s": len(jobs) / wall, "latency_s": summary([s for s, _ in results]),
-                       "models": models,
-                       "sampler_batch_mean": models["sampler"]["calls"] / max(models["sampler"]["executions"], 1)})
-    return {"latency_s": summary(latencies), "models_c1": one_level["models"],
-            "overhead_c1": stats.overhead(one_level), "levels": levels}
+        out["levels"].append({"concurrency": c, "how": f"{c} clients at once", "images": len(jobs), "seconds": wall,
+                              "images_per_s": len(jobs) / wall, "latency_s": summary([s for s, _ in results]),
+                              "models": models,
+                              "sampler_batch_mean": models["sampler"]["calls"] / max(models["sampler"]["executions"], 1)})
+        save(out)
+    if metrics_url:  # compiles after each leaf's warm-up, over every request this run sent (warm-ups included)
+        out["compiles_after_warm_up"] = {m: int(row["compiles"]) for m, row in sorted(metrics().items())}
+    return out
 
 
 def _libpython_dir() -> str | None:
@@ -332,52 +379,73 @@ def models_env(args) -> Path:
     return make_model_env(Path(args.work) / "models-env", args.stub_site)
 
 
-def start_triton(repo: Path, args):
+def start_triton(repo: Path, args, log_name: str = "triton-tritonserver.log"):
     from flux2_klein.server import TritonProcess
 
     libdir = _libpython_dir()
     python = models_env(args)
     extra = (f"--cuda-memory-pool-byte-size=0:{CUDA_POOL_BYTES}",) if args.device == "gpu" else ()
     # The stubs put their working folder first on sys.path: not a checkout's raw flux2_klein/ folder.
-    return TritonProcess.launch(repo, log_path=Path(args.work) / "tritonserver.log", timeout_s=args.ready_timeout,
+    return TritonProcess.launch(repo, log_path=Path(args.work) / log_name, timeout_s=args.ready_timeout,
                                 install=triton_install(), path=[python.parent], extra_args=extra,
                                 library_path=[libdir] if libdir else [], cwd=args.work)
 
 
-def run_triton(args) -> dict:
+def dit_rows(args) -> int:
+    """The DiT rows the bench's requests bring at most: one per request, two under guidance."""
+    from flux2_klein.checkpoint import load_checkpoint
+    from flux2_klein.sampling import use_cfg
+
+    _, guidance = checkpoint_defaults(args.checkpoint)
+    return max(args.concurrency) * (2 if use_cfg(load_checkpoint(args.checkpoint).is_distilled, guidance) else 1)
+
+
+def run_triton(args, save=lambda part: None, tag: str = "triton", dtype: str | None = None) -> dict:
+    """Build the repository, serve it, measure it. `tag` names its files (triton, smoke); `dtype` the leaves'
+    (default DTYPES[device])."""
     work = Path(args.work)
     if args.url:
-        return {"what": f"Triton at {args.url} (already serving)", **measure_triton(args.url, args, work)}
+        return {"what": f"Triton at {args.url} (already serving)",
+                **measure_triton(args.url, args, work, args.metrics_url or None)}
     from flux2_klein.repository import build_repository
     from flux2_klein.triton_config import Batching
 
     start = time.perf_counter()
     gpu = args.device == "gpu"
     precision = args.precision if gpu else None
-    repo = build_repository(args.checkpoint, work / "repository", runtime="torch", device=args.device,
-                            dtype=DTYPES[args.device], compile=args.compile or False, precision=precision,
+    # Warm what this run sends and no more: its one size, the DiT rows its concurrency brings, no references
+    # (so the VAE encoder warms nothing). A CPU rehearsal compiles with the eager backend, so it warms too.
+    dtype = dtype or DTYPES[args.device]
+    repo = build_repository(args.checkpoint, work / f"{tag}-repository", runtime="torch", device=args.device,
+                            dtype=dtype, compile=args.compile or False, precision=precision,
                             fp8_text_encoder=args.fp8_text_encoder and gpu,
-                            warm_sizes=f"{args.size[0]}x{args.size[1]}" if gpu else "",
-                            batching=Batching(max_requests=max(args.concurrency),
-                                              max_dit_rows=2 * max(args.concurrency),
+                            warm_sizes=f"{args.size[0]}x{args.size[1]}" if gpu or args.compile else "",
+                            warm_references=0,
+                            batching=Batching(max_requests=max(args.concurrency), max_dit_rows=dit_rows(args),
                                               queue_delay_us=args.batch_delay_us))
     build_s = time.perf_counter() - start
     start = time.perf_counter()
-    server = start_triton(repo, args)
+    server = start_triton(repo, args, log_name=f"{tag}-tritonserver.log")
     ready_s = time.perf_counter() - start
+    head = {"what": "Triton (measuring)", "build_s": build_s, "ready_s": ready_s}
     try:
-        result = measure_triton(server.url("http"), args, work)
+        result = measure_triton(server.url("http"), args, work, f"{server.address}:{server.metrics_port}",
+                                lambda part: save({**head, **part}), tag)
     finally:
         server.stop()
-    log = (work / "tritonserver.log").read_text(errors="replace")
-    loads = [line.split("flux2-klein ", 1)[1] for line in log.splitlines() if line.startswith("flux2-klein ")]
+    log = (work / f"{tag}-tritonserver.log").read_text(errors="replace")
+    ours = [line.split("flux2-klein ", 1)[1] for line in log.splitlines() if line.startswith("flux2-klein ")]
+    loads = [line for line in ours if " loaded in " in line]
+    result["leaf_totals"] = [line for line in ours if ": served " in line]  # each leaf's own count at its unload
     build = json.loads((repo / "build.json").read_text())
-    result["guardrail_cost"] = guardrail_cost(repo, work)
-    return {"what": f"Triton, leaves in PyTorch {gpu_report.version('torch')}, {DTYPES[args.device]}"
+    if tag == "triton":
+        result["guardrail_cost"] = guardrail_cost(repo, work)
+    return {"what": f"Triton, leaves in PyTorch {gpu_report.version('torch')}, {dtype}, {build['boundary']} boundary"
                     + (", DiT GEMMs FP8" if "transformer" in build.get("fp8", []) else "")
                     + (", text encoder GEMMs FP8" if "text_encoder" in build.get("fp8", []) else "")
                     + (f", torch.compile {args.compile}" if args.compile else ", eager"),
-            "build_s": build_s, "ready_s": ready_s, "leaf_loads": loads, "batching": build["batching"], **result}
+            "build_s": build_s, "ready_s": ready_s, "leaf_loads": loads, "batching": build["batching"],
+            "compile_backend": os.environ.get("FLUX2_KLEIN_COMPILE_BACKEND") or "inductor", **result}
 
 
 def guardrail_cost(repo: Path, work: Path) -> dict:
@@ -444,7 +512,11 @@ def _levels(text: str) -> list[int]:
     return levels
 
 
-PHASES = ("all", "check", "diffusers", "diffusers-compiled", "triton", "report")
+PHASES = ("all", "check", "smoke", "diffusers", "diffusers-compiled", "triton", "report")
+# The phases with results, in report order; `all` runs them in this order (smoke first: it fails fast).
+MEASURED = ("smoke", "diffusers", "diffusers-compiled", "triton")
+# One line per phase run (name, status, seconds), appended by `all` and by bench/gpu_hopper.sh.
+PHASE_LOG = "phases.tsv"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -468,6 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile mode for the compiled diffusers phase ('' skips that phase)")
     p.add_argument("--batch-delay-us", type=int, default=0, help="the sampler's dynamic-batching delay (default 0)")
     p.add_argument("--url", default="", help="measure a Triton already serving at HOST:PORT (HTTP) instead")
+    p.add_argument("--metrics-url", default="", help="with --url: its metrics port HOST:PORT, for the leaves' "
+                                                     "network times and compiles")
     p.add_argument("--stub-site", type=Path, action="append", default=[],
                    help="a folder of packages the Triton models import before all others (repeatable; numpy 1.x)")
     p.add_argument("--ready-timeout", type=float, default=480, help="seconds for tritonserver to load (default 480)")
@@ -492,12 +566,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _phase_in_child(phase: str, argv: list[str], out: Path) -> dict:
-    """Run one phase in a fresh interpreter (the accelerator's memory is all its own); its result as JSON."""
+def log_phase(work: Path, phase: str, status: str, seconds: float) -> None:
+    with open(work / PHASE_LOG, "a") as f:
+        f.write(f"{phase}\t{status}\t{seconds:.0f}\n")
+
+
+def _phase_in_child(phase: str, argv: list[str], work: Path) -> None:
+    """Run one phase in a fresh interpreter (the accelerator's memory is all its own); it writes WORK/<phase>.json
+    as it goes. A failed phase is logged and the next one runs."""
     started = time.perf_counter()
-    subprocess.run([sys.executable, os.path.abspath(__file__), phase, *argv, "--result", str(out)], check=True)
-    print(f"{phase}: done in {time.perf_counter() - started:.0f} s", flush=True)
-    return json.loads(out.read_text())
+    rc = subprocess.run([sys.executable, os.path.abspath(__file__), phase, *argv]).returncode
+    seconds = time.perf_counter() - started
+    log_phase(work, phase, "ok" if rc == 0 else f"failed (exit {rc})", seconds)
+    print(f"{phase}: {'done' if rc == 0 else f'FAILED (exit {rc})'} in {seconds:.0f} s", flush=True)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Whole or not at all: a phase killed mid-write leaves its last complete result."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(path)
+
+
+def compiled_after_warm_up(result: dict) -> dict[str, int]:
+    """The leaves that compiled anything for a request (leaf_timing's counter), from a triton/smoke result."""
+    return {m: n for m, n in result.get("compiles_after_warm_up", {}).items() if n}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -518,16 +611,22 @@ def main(argv: list[str] | None = None) -> int:
         from flux2_klein.tiny import make_tiny
 
         make_tiny(args.checkpoint)
-    runners = {"diffusers": lambda: run_diffusers(args, compiled=False),
-               "diffusers-compiled": lambda: run_diffusers(args, compiled=True), "triton": lambda: run_triton(args)}
-    if args.phase in runners:
-        text = json.dumps(runners[args.phase](), indent=1)
-        if result_file is not None:
-            result_file.write_text(text)
-        else:
-            print(text)
+    if args.phase in MEASURED:
+        out = result_file or args.work / f"{args.phase}.json"
+        save = lambda part: _write_json(out, {**part, "partial": True})  # noqa: E731
+        runners = {"smoke": lambda: run_triton(args, save, tag="smoke", dtype="bf16"),
+                   "diffusers": lambda: run_diffusers(args, compiled=False, save=save),
+                   "diffusers-compiled": lambda: run_diffusers(args, compiled=True, save=save),
+                   "triton": lambda: run_triton(args, save)}
+        out.unlink(missing_ok=True)
+        result = runners[args.phase]()
+        _write_json(out, result)
+        print(f"{args.phase}: result in {out}", flush=True)
+        compiled = compiled_after_warm_up(result)
+        if compiled and args.compile:
+            print(f"{args.phase}: requests compiled after warm-up: {compiled}", file=sys.stderr)
+            return 3
         return 0
-    results = {}
     if args.phase == "all":
         rest = [a for a in argv if a != "all"]
         if not args.url:
@@ -535,11 +634,10 @@ def main(argv: list[str] | None = None) -> int:
         for phase in ("diffusers", "diffusers-compiled", "triton"):
             if phase == "diffusers-compiled" and not args.diffusers_compile:
                 continue
-            results[phase] = _phase_in_child(phase, rest, args.work / f"{phase}.json")
-    else:  # report: from the result files an earlier run left in WORK
-        for phase in ("diffusers", "diffusers-compiled", "triton"):
-            if (args.work / f"{phase}.json").exists():
-                results[phase] = json.loads((args.work / f"{phase}.json").read_text())
+            _phase_in_child(phase, rest, args.work)
+    # the report: from the result files the phases left in WORK (those of a phase cut short too)
+    results = {phase: json.loads((args.work / f"{phase}.json").read_text()) for phase in MEASURED
+               if (args.work / f"{phase}.json").exists()}
     steps, guidance = checkpoint_defaults(args.checkpoint)
     report = gpu_report.build(results, args, steps, guidance)
     print(report.text, flush=True)

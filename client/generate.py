@@ -1,7 +1,8 @@
 """`flux2-klein generate` (CONTRACT.md section 2): one image through tritonclient.
 
     flux2-klein generate --prompt TEXT [--size WxH] [--seed N] [--steps N] [--guidance F]
-                         [--reference FILE]... [--url HOST:PORT] [--protocol grpc|http] [--wait S] --out FILE
+                         [--reference FILE]... [--image FILE [--mask FILE] [--strength F]]
+                         [--url HOST:PORT] [--protocol grpc|http] [--wait S] --out FILE
 
 Options left out are not sent, so the server's defaults apply (1024x1024, seed 0, the checkpoint's
 steps and guidance). The server judges every value; a bad one (an unsupported size, steps out of range,
@@ -58,6 +59,13 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
                         f"checkpoints; {api.DEFAULT_GUIDANCE_BASE} for base)")
     g.add_argument("--reference", action="append", default=[], metavar="FILE",
                    help=f"a reference image (PNG, JPEG, WebP) for editing; repeat for up to {MAX_REFERENCES}")
+    g.add_argument("--image", default=None, metavar="FILE",
+                   help="the picture to change (PNG, JPEG, WebP): image-to-image, or inpainting with --mask; "
+                        "served at --size, or the size nearest its aspect ratio")
+    g.add_argument("--mask", default=None, metavar="FILE",
+                   help="inpainting mask, the image's size: white repaints, black keeps (needs --image)")
+    g.add_argument("--strength", type=float, default=None, metavar="F",
+                   help=f"how much of --image to change, 0..1 (default {api.DEFAULT_STRENGTH}; 1: from pure noise)")
     g.add_argument("--url", default=None, metavar="HOST:PORT",
                    help=f"Triton's endpoint (default {DEFAULT_URLS['grpc']} for grpc, {DEFAULT_URLS['http']} for http)")
     g.add_argument("--protocol", choices=PROTOCOLS, default="grpc", help="grpc (default) or http")
@@ -79,6 +87,8 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         image_format(args.out)
         references = [read_reference(path) for path in args.reference]
+        image = None if args.image is None else read_reference(args.image)
+        mask = None if args.mask is None else read_reference(args.mask)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -93,7 +103,7 @@ def run_generate(args: argparse.Namespace) -> int:
             start = time.perf_counter()
             image = client.generate(
                 args.prompt, width=width, height=height, seed=args.seed, steps=args.steps,
-                guidance=args.guidance, references=references,
+                guidance=args.guidance, references=references, image=image, mask=mask, strength=args.strength,
             )
             elapsed = time.perf_counter() - start
     except GenerationError as e:

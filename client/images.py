@@ -3,8 +3,9 @@
 The output format follows the file's extension (case-insensitive):
   .png          PNG, lossless: the file holds exactly the array the server sent.
   .jpg, .jpeg   JPEG, quality 95 (4:2:0 chroma subsampling, Pillow's default at that quality).
-  .webp         WebP, lossy (lossless=False), quality 95.
-Anything else is a ValueError that names these extensions, raised before a file is touched.
+  .webp         WebP, lossy, quality 95.
+Anything else is a ValueError that names these extensions, raised before a file is touched. The encoders are
+the gateway's (client/codecs.py, which says why these).
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import numpy as np
 
 from flux2_klein.contract import read_reference  # its home: the contract says files go as they are
 
-# extension -> (Pillow format, save options)
-FORMATS: dict[str, tuple[str, dict]] = {
-    ".png": ("PNG", {}),
-    ".jpg": ("JPEG", {"quality": 95}),
-    ".jpeg": ("JPEG", {"quality": 95}),
-    ".webp": ("WEBP", {"lossless": False, "quality": 95}),
+# extension -> (the format's Pillow name, its name in client/codecs.py)
+FORMATS: dict[str, tuple[str, str]] = {
+    ".png": ("PNG", "png"),
+    ".jpg": ("JPEG", "jpeg"),
+    ".jpeg": ("JPEG", "jpeg"),
+    ".webp": ("WEBP", "webp"),
 }
 EXTENSIONS = tuple(FORMATS)
 
@@ -40,16 +41,16 @@ def image_format(path: str | os.PathLike) -> str:
 def save_image(array: np.ndarray, path: str | os.PathLike) -> Path:
     """Write an RGB image, numpy uint8 [height, width, 3], to `path` in the format its extension names
     (see the module's docstring). Missing parent folders are created. Returns the path."""
-    from PIL import Image
+    from . import codecs
 
     path = Path(path)
-    fmt = image_format(path)
-    _, options = FORMATS[path.suffix.lower()]
+    image_format(path)
     array = np.asarray(array)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"expected an RGB image as uint8 [height, width, 3]; got {array.dtype} {list(array.shape)}")
+    data = codecs.encode(array, FORMATS[path.suffix.lower()][1])
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(array)).save(path, format=fmt, **options)
+    path.write_bytes(data)
     return path
 
 

@@ -249,10 +249,15 @@ class Flux2KleinClient:
         steps: int | None = None,
         guidance: float | None = None,
         references: Iterable[Reference] = (),
+        image: Reference | None = None,
+        mask: Reference | None = None,
+        strength: float | None = None,
     ) -> np.ndarray:
         """One image, as numpy uint8 [height, width, 3] RGB. None means "not sent": the server's default.
 
-        references: encoded image files (PNG, JPEG, WebP) as bytes, or paths to them; at most 4.
+        references: encoded image files (PNG, JPEG, WebP) as bytes, or paths to them; at most 4 (3 with image).
+        image: the picture to change (inpainting; image-to-image without a mask), a file's bytes or path;
+        mask: white repaints, black keeps, the image's size; strength: 0..1 (the server's default 0.8).
         Raises GenerationError; a bad input gives status "INVALID_ARGUMENT" with the server's message.
         """
         if self._pending_wait_s:
@@ -261,7 +266,7 @@ class Flux2KleinClient:
         tc = _tc(self.protocol)
         inputs = build_inputs(
             prompt, width=width, height=height, seed=seed, steps=steps, guidance=guidance,
-            references=references, protocol=self.protocol,
+            references=references, image=image, mask=mask, strength=strength, protocol=self.protocol,
         )
         if self.protocol == "http":
             outputs = [tc.InferRequestedOutput(OUTPUT.name, binary_data=True)]

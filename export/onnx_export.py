@@ -19,7 +19,7 @@ from ..checkpoint import Checkpoint, load_checkpoint
 from ..progress import step
 from ..specs import NETWORKS, NetworkSpec, example_inputs, network_specs
 from . import wrappers
-from .engines import file_sha256
+from ..files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def export_module(module: torch.nn.Module, ckpt: Checkpoint, spec: NetworkSpec, 
     target.mkdir(parents=True, exist_ok=True)
     onnx_path = target / "model.onnx"
     # model.json is written last and marks a finished export: a re-export first takes it away, so an
-    # interrupted one is never taken for finished (tensorrt_build.export_graphs resumes on it).
+    # interrupted one is never taken for finished (tensorrt.plan.export_graphs resumes on it).
     (target / "model.json").unlink(missing_ok=True)
     precision = precision or dtype
     rng = np.random.default_rng(0)

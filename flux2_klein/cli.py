@@ -57,8 +57,8 @@ def _geometry(args):
 
 
 def _export_engines(args) -> int:
-    from .export.engines import build_engine
-    from .tensorrt_build import describe_plan, engine_plans
+    from .export.tensorrt.build import build_engine
+    from .export.tensorrt.plan import describe_plan, engine_plans
 
     ckpt, out, work = _geometry(args), Path(args.out), Path(args.onnx)
     if args.dry_run:
@@ -73,7 +73,7 @@ def _build(args) -> int:
     from .repository import build_repository
 
     if args.runtime == "tensorrt" or args.dry_run:
-        from .tensorrt_build import describe_plan
+        from .export.tensorrt.plan import describe_plan
 
         work = Path(args.work) if args.work else Path(str(Path(args.out)) + ".work")
         if args.dry_run:
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     from .checkpoint import CheckpointError
-    from .export.trt_build import BuildError
+    from .export.tensorrt.library import BuildError
 
     try:
         return args.func(args)

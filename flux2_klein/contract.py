@@ -48,6 +48,14 @@ INPUTS = (
     # NIM's field: skip the guardrail's image checks for this request, honoured only where the operator
     # allows it (docs/GUARDRAIL.md); the prompt check always runs.
     ApiTensor("disable_safety_checker", "bool", (1,), optional=True),
+    # Inpainting and image-to-image (diffusers' Flux2KleinInpaintPipeline): the picture to change (the
+    # pipeline's `image`; an ensemble's input may not share its output's name), the mask (white repaints,
+    # black keeps; absent: the whole picture is repainted), how much to change it, the pipeline's
+    # padding_mask_crop.
+    ApiTensor("init_image", "bytes", (1,), optional=True),
+    ApiTensor("mask_image", "bytes", (1,), optional=True),
+    ApiTensor("strength", "float32", (1,), optional=True),
+    ApiTensor("padding_mask_crop", "int32", (1,), optional=True),
 )
 OUTPUT = ApiTensor("image", "uint8", ("height", "width", 3))
 INPUT_NAMES = tuple(t.name for t in INPUTS)
@@ -61,6 +69,21 @@ DEFAULT_SEED = 0
 DEFAULT_STEPS_DISTILLED, DEFAULT_STEPS_BASE = 4, 50
 # Distilled checkpoints ignore guidance; base ones run classifier-free guidance with an empty negative prompt.
 DEFAULT_GUIDANCE_DISTILLED, DEFAULT_GUIDANCE_BASE = 1.0, 4.0
+
+# The pipeline's default strength; 0..1, where 1 starts from pure noise (the picture only conditions).
+DEFAULT_STRENGTH = 0.8
+
+
+def strength_steps(num_steps: int, strength: float) -> tuple[int, int]:
+    """(first step, steps run) of a `num_steps` schedule cut by `strength`, as the inpaint pipeline's
+    `get_timesteps` cuts it (diffusers v0.42.1, pipelines/flux2/pipeline_flux2_klein_inpaint.py): the
+    schedule is built for all `num_steps` and the first `int(num_steps - min(num_steps * strength,
+    num_steps))` steps are skipped, in the same Python-float arithmetic. Fewer than one step left (strength
+    0, or so small that the product rounds away) is the pipeline's ValueError; callers refuse it by name."""
+    init = min(num_steps * float(strength), num_steps)
+    start = int(max(num_steps - init, 0))
+    return start, num_steps - start
+
 
 # What the DiT's GEMMs run in on TensorRT (the rest stays BF16).
 PRECISIONS = ("fp8", "bf16")
@@ -121,10 +144,16 @@ def input_arrays(
     guidance: float | None = None,
     references: Iterable[Reference] = (),
     disable_safety_checker: bool | None = None,
+    image: Reference | None = None,
+    mask: Reference | None = None,
+    strength: float | None = None,
+    padding_mask_crop: int | None = None,
 ) -> dict[str, tuple[str, np.ndarray]]:
     """The request's tensors as {input name: (KServe datatype, numpy array)}, in the contract's types.
 
     Inputs given as None (and an empty reference list) are left out, so the server's defaults apply.
+    `image` (the picture to change, sent as `init_image`) and `mask` (`mask_image`: white repaints, black
+    keeps) are encoded files or paths, sent as they are, like references.
     BYTES tensors are numpy object arrays of `bytes`: an 'S' array would drop trailing NUL bytes,
     which an encoded image may well end with.
     """
@@ -153,6 +182,17 @@ def input_arrays(
         if isinstance(guidance, bool):
             raise TypeError(f"guidance must be a number; got {guidance!r}")
         arrays["guidance_scale"] = (DATATYPES["float32"], np.array([float(guidance)], dtype=np.float32))
+
+    integer("padding_mask_crop", padding_mask_crop, "int32")
+    if strength is not None:
+        if isinstance(strength, bool):
+            raise TypeError(f"strength must be a number; got {strength!r}")
+        arrays["strength"] = (DATATYPES["float32"], np.array([float(strength)], dtype=np.float32))
+    for name, value in (("init_image", image), ("mask_image", mask)):
+        if value is not None:
+            one = np.empty([1], dtype=np.object_)
+            one[0] = _reference_bytes(value)
+            arrays[name] = ("BYTES", one)
 
     if disable_safety_checker is not None:
         if not isinstance(disable_safety_checker, (bool, np.bool_)):

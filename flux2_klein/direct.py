@@ -9,7 +9,8 @@ The same steps as the ensemble, in the same order and with the same code: `reque
 and the repository's tokenizer (REPO/preprocess/1/tokenizer), the text encoder, `sampling.sample`
 with the DiT (and the VAE encoder for references) as ONNX Runtime sessions, the VAE decoder. The
 graphs are REPO/<network>/1/model.onnx and each session gets the thread count its Triton model is
-configured with (`intra_op_threads`, 1 for the CPU repository), so the image equals Triton's bit for bit
+configured with (`intra_op_threads`, 1 for the CPU repository) and is made by the served leaf's own
+`ort_session.make_session`, so the image equals Triton's bit for bit
 and the two differ only in what serving adds: the benchmark's baseline (`flux2-klein bench`).
 
 The checkpoint facts the sampler needs (scheduler config, channels, distilled or not) come from the
@@ -29,8 +30,9 @@ import numpy as np
 import torch
 
 from .contract import Defaults, input_arrays
+from .ort_session import describe, make_session, one_torch_thread
 from .request import PromptTokenizer, parse_request
-from .sampling import sample, use_cfg
+from .sampling import mask_tokens, sample, use_cfg
 from .sizes import latent_grid
 from .specs import NETWORKS
 
@@ -63,8 +65,6 @@ class DirectPipeline:
     """
 
     def __init__(self, repository: str | Path, *, intra_op_threads: int | None = None):
-        import onnxruntime as ort
-
         self.repository = repo = Path(repository)
         pre = model_parameters(repo, "preprocess")
         smp = model_parameters(repo, "sampler")
@@ -85,12 +85,12 @@ class DirectPipeline:
                 raise FileNotFoundError(f"repository: {path} is missing (DirectPipeline runs the ONNX graphs "
                                         "of an onnxruntime repository)")
             threads = intra_op_threads or int(model_parameters(repo, name).get("intra_op_threads", "1"))
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-            self.sessions[name] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            # Made exactly as the served leaf makes it (model_repository/onnxruntime_leaf.py).
+            self.sessions[name] = make_session(str(path), threads)
             self.threads[name] = threads
         self._outputs = {n: [o.name for o in s.get_outputs()] for n, s in self.sessions.items()}
+        one_torch_thread()  # as the Triton sampler on a CPU does for the loop's math
+        self.session_config = describe(self.threads) + "; sampler math: 1 torch thread"
         self.last_timings: dict[str, float] = {}
 
     def _from_checkpoint(self) -> None:
@@ -137,6 +137,10 @@ class DirectPipeline:
             (t,) = self._run("vae_encoder", {"image": image})
             tokens.append(t)
             grids.append(latent_grid(image.shape[1], image.shape[0]))
+        picture = mask = None
+        if req.image is not None:  # inpainting / image-to-image, as the Triton sampler runs it
+            (picture,) = self._run("vae_encoder", {"image": req.image})
+            mask = None if req.mask is None else mask_tokens(req.mask)
         embeds = torch.from_numpy(embeds)
         # The values the Triton sampler reads back from its INT32/INT64/FP32 [1] inputs.
         guidance = float(np.float32(req.guidance_scale))
@@ -145,6 +149,7 @@ class DirectPipeline:
             num_steps=req.num_inference_steps, scheduler_config=self.scheduler_config, channels=self.channels,
             references=tokens, reference_grids=grids, guidance_scale=guidance, do_cfg=do_cfg,
             negative_prompt_embeds=embeds[1:] if do_cfg else None, device="cpu",
+            image=picture, mask=mask, start_step=req.start_step,
         )
         inner = self.last_timings.get("transformer", 0.0) + self.last_timings.get("vae_encoder", 0.0)
         self.last_timings["sampler"] = time.perf_counter() - t_sampler - inner
@@ -155,10 +160,11 @@ class DirectPipeline:
 
     def generate(self, prompt: str, *, width: int | None = None, height: int | None = None,
                  seed: int | None = None, steps: int | None = None, guidance: float | None = None,
-                 references: Iterable[bytes] = ()) -> np.ndarray:
+                 references: Iterable[bytes] = (), image: bytes | None = None, mask: bytes | None = None,
+                 strength: float | None = None) -> np.ndarray:
         """As `Flux2KleinClient.generate`: the same arguments, the same tensors, the same image."""
         arrays = input_arrays(prompt, width=width, height=height, seed=seed, steps=steps, guidance=guidance,
-                              references=references)
+                              references=references, image=image, mask=mask, strength=strength)
         return self.infer({name: array for name, (_, array) in arrays.items()})
 
     def __repr__(self) -> str:

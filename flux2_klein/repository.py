@@ -76,12 +76,14 @@ def _onnx_leaf(repo: Path, ckpt, spec, instances: Instances, *, dtype: str, onnx
 @dataclasses.dataclass(frozen=True)
 class TorchOptions:
     """The torch runtime's choices (see torch_runtime.py): a torch.compile mode or "", the networks whose
-    GEMMs run in FP8, the sizes warmed at load ("", "all" or "WxH,..."), the DiT batch rows to warm."""
+    GEMMs run in FP8, the sizes warmed at load ("", "all" or "WxH,..."), the DiT batch rows to warm, the
+    reference counts to warm (0: none, and the VAE encoder warms nothing)."""
 
     compile: str = ""
     fp8: tuple[str, ...] = ()
     warm_sizes: str = ""
     max_dit_rows: int = 1
+    warm_references: int = 4  # sizes.MAX_REFERENCES
 
 
 def _torch_leaf(repo: Path, ckpt, spec, instances: Instances, *, dtype: str, onnx_dir,
@@ -96,7 +98,8 @@ def _torch_leaf(repo: Path, ckpt, spec, instances: Instances, *, dtype: str, onn
     o = torch_options
     fp8 = spec.name in o.fp8
     params = {"checkpoint": checkpoint, "dtype": dtype, "fp8": str(fp8).lower(), "torch_compile": o.compile,
-              "warm_sizes": o.warm_sizes, "max_dit_rows": str(o.max_dit_rows), "intra_op_threads": "1"}
+              "warm_sizes": o.warm_sizes, "max_dit_rows": str(o.max_dit_rows),
+              "warm_references": str(o.warm_references), "intra_op_threads": "1"}
     _write_model(repo, spec.name, leaf_config(spec, instances, params), _glue("torch"))
     return {"checkpoint": checkpoint, "dtype": dtype, "fp8": fp8, "torch_compile": o.compile,
             "warm_sizes": o.warm_sizes}
@@ -118,7 +121,7 @@ def build_repository(checkpoint: str | Path, out: str | Path, *, runtime: str = 
                      compile: bool | str = False, precision: str | None = None, work: str | Path | None = None,
                      opt_level: int | None = None, batching: Batching | None = None,
                      fp8_text_encoder: bool = False, warm_sizes: str | None = None, guardrail=None,
-                     boundary: str | None = None, loras=()) -> Path:
+                     boundary: str | None = None, loras=(), warm_references: int | None = None) -> Path:
     """Assemble REPO from a checkpoint; `onnx_dir` reuses graphs `export onnx` already wrote.
 
     device: "cpu" or "gpu" sets where the models' instances run (default: `instances.kind`, KIND_CPU);
@@ -128,7 +131,8 @@ def build_repository(checkpoint: str | Path, out: str | Path, *, runtime: str = 
     precision: the DiT's GEMMs, fp8 or bf16: tensorrt (default fp8) and torch on a GPU (default bf16: FP8
       becomes its default once measured within what `export fp8` accepts); fp8_text_encoder: torch only.
     warm_sizes: torch only; the sizes every leaf runs once at load ("", "all", "WxH,..."; default "all"
-      when compiling on a GPU, "1024x1024" on a GPU otherwise, "" on a CPU).
+      when compiling on a GPU, "1024x1024" on a GPU otherwise, "" on a CPU); warm_references: torch only,
+      the reference counts warmed (0..4, default 4; 0 where no request brings a reference).
     boundary: the dtype of the big tensors between models (triton_config.BF16_BOUNDARY), "bfloat16" or
       "float32"; default bfloat16 for torch leaves computing in bf16 (lossless there: the modules cast their
       inputs to bf16 and their outputs come from bf16), else float32.
@@ -138,7 +142,7 @@ def build_repository(checkpoint: str | Path, out: str | Path, *, runtime: str = 
       an image classifier adds the `safety` model as the ensemble's last step.
     batching: how the sampler batches concurrent requests (default Batching(); on TensorRT the DiT's rows
       are capped at its engine's profile maximum).
-    work, opt_level: tensorrt runtime only (see tensorrt_build.py): the folder for ONNX graphs and the
+    work, opt_level: tensorrt runtime only (see export/tensorrt/plan.py): the folder for ONNX graphs and the
       timing cache (default REPO.work), the builder optimization level.
     """
     if loras:
@@ -155,8 +159,8 @@ def build_repository(checkpoint: str | Path, out: str | Path, *, runtime: str = 
         raise ValueError("onnx: the tensorrt runtime exports its own graphs (bf16/<network>, fp8/transformer) "
                          "into its work folder; pass a folder of that layout as work, not as onnx")
     if runtime == "tensorrt":
-        from .export.engines import current_target
-        from .tensorrt_build import export_graphs, tensorrt_leaf_writer
+        from .export.tensorrt.build import current_target
+        from .export.tensorrt.plan import export_graphs, tensorrt_leaf_writer
 
         current_target()  # no TensorRT or no GPU: say so now, not after an hour of export
         ckpt = load_checkpoint(checkpoint)
@@ -207,7 +211,8 @@ def build_repository(checkpoint: str | Path, out: str | Path, *, runtime: str = 
             raise ValueError("precision: FP8 GEMMs need a GPU (compute capability 8.9+); use --device gpu")
         if warm_sizes is None:
             warm_sizes = ("all" if compile else "1024x1024") if gpu else ""
-        options["torch_options"] = TorchOptions(compile, fp8, warm_sizes, batching.max_dit_rows)
+        options["torch_options"] = TorchOptions(compile, fp8, warm_sizes, batching.max_dit_rows,
+                                                *(() if warm_references is None else (warm_references,)))
     repo = Path(out)
     repo.mkdir(parents=True, exist_ok=True)
 

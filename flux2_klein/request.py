@@ -8,6 +8,9 @@ images"), and tokenizes the prompt exactly as `Flux2KleinPipeline._get_qwen3_pro
 caller mistake raises `InvalidInput`, whose message names the input and what is allowed; the wrapper
 answers it with INVALID_ARGUMENT / HTTP 400.
 
+(Over 400 lines: one request's validation and its three kinds of picture - references, the picture to change,
+its mask - read one way, together.)
+
 Decisions beyond the contract's table:
 
 * `guidance_scale` must be a finite number >= 0; NaN, +-inf and negative values are rejected (diffusers
@@ -24,6 +27,17 @@ Decisions beyond the contract's table:
 * References are decoded as the pipeline sees `PIL.Image.open(file)`: the first frame of an animated
   PNG/WebP, no EXIF orientation applied, no ICC colour management, alpha dropped (not composited) by
   `convert("RGB")`. Files over `MAX_DECODE_PIXELS` are refused before their pixels are decoded.
+* `init_image` (inpainting, image-to-image: `Flux2KleinInpaintPipeline`'s `image`, diffusers v0.42.1) is
+  served at one of the 17 sizes: `width`/`height` when given, else the one nearest in aspect ratio to the image as sent. An
+  image of another size is first resized to it (one Lanczos resize in its decoded mode), and so is its
+  mask; from there every rule is the pipeline's, so the picture equals the pipeline's for the resized
+  image. (The pipeline itself would keep the image's own size floored to 16, after shrinking it to 1 MP:
+  for an image already at one of the 13 sizes up to 1 MP that is the same size, and the same picture.)
+  The mask must have the image's size as sent; it is binarized as the pipeline's mask processor does
+  (grayscale, then >= 0.5 of 255 repaints). Without a mask the whole picture is repainted (the pipeline
+  with an all-white mask). The image rides as the first condition, so at most 3 references go with it.
+  `padding_mask_crop` is refused: the pipeline pastes its result back into the picture after decoding,
+  a step this ensemble does not have.
 """
 
 from __future__ import annotations
@@ -37,7 +51,9 @@ from typing import Mapping
 
 import numpy as np
 
-from flux2_klein.contract import DATATYPES, INPUTS, MAX_STEPS, MIN_STEPS, Defaults, size_for_reference
+from flux2_klein.contract import (
+    DATATYPES, DEFAULT_STRENGTH, INPUTS, MAX_STEPS, MIN_STEPS, Defaults, size_for_reference, strength_steps,
+)
 from flux2_klein.sizes import (
     MAX_REFERENCES,
     PIXELS_PER_TOKEN_SIDE,
@@ -95,6 +111,16 @@ class Request:
     num_inference_steps: int
     guidance_scale: float
     references: list[np.ndarray] = field(default_factory=list)
+    # Inpainting / image-to-image: the picture to change, uint8 [height, width, 3] at the output size, and
+    # its binarized mask, float32 [height, width] of 0 (keep) and 1 (repaint); None: all repainted.
+    image: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    strength: float = DEFAULT_STRENGTH
+
+    @property
+    def start_step(self) -> int | None:
+        """The first step of the schedule that runs (strength's cut); None without an image."""
+        return None if self.image is None else strength_steps(self.num_inference_steps, self.strength)[0]
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -205,12 +231,43 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], defaults: Defaults | 
     if not math.isfinite(guidance) or guidance < 0:
         raise InvalidInput("guidance_scale", f"must be a finite number >= 0, got {guidance}")
 
-    references, sizes = _parse_references(inputs.get("reference_images"))
-    if size_from_reference and sizes:
+    image_value, mask_value = inputs.get("init_image"), inputs.get("mask_image")
+    strength = _scalar(inputs, "strength")
+    padding_mask_crop = _scalar(inputs, "padding_mask_crop")
+    if image_value is None:
+        for name, value in (("mask_image", mask_value), ("strength", strength), ("padding_mask_crop", padding_mask_crop)):
+            if value is not None:
+                raise InvalidInput(name, "needs `init_image`, the picture to change (BYTES [1], PNG, JPEG or WebP)")
+    strength = DEFAULT_STRENGTH if strength is None else float(strength)
+    if not (math.isfinite(strength) and 0.0 <= strength <= 1.0):
+        raise InvalidInput("strength", f"must be a number in 0..1, got {strength}")
+    if image_value is not None and strength_steps(steps, strength)[1] < 1:
+        raise InvalidInput("strength", f"{strength} leaves no denoising step of {steps} (the pipeline runs "
+                                       f"the last int(steps * strength) of them, at least 1); raise strength "
+                                       "or num_inference_steps")
+    if padding_mask_crop is not None:
+        raise InvalidInput("padding_mask_crop", "not supported by this server: the pipeline pastes its result "
+                                                "back into the picture after decoding, a step it does not have")
+
+    limit = MAX_REFERENCES - 1 if image_value is not None else MAX_REFERENCES
+    references, sizes = _parse_references(inputs.get("reference_images"), limit)
+    image = mask = None
+    if image_value is not None:
+        picture = _open_single(image_value, "init_image")
+        if size_from_reference:  # the picture being changed decides, as the first reference does for an edit
+            width, height = size_for_reference(*picture.size)
+        mask_pic = None
+        if mask_value is not None:
+            mask_pic = _open_single(mask_value, "mask_image", limits=False)
+            if mask_pic.size != picture.size:
+                raise InvalidInput("mask_image", f"{mask_pic.width}x{mask_pic.height} is not init_image's size "
+                                                 f"{picture.width}x{picture.height}; send a mask of the image's size")
+        image, mask = prepare_image(picture, mask_pic, (width, height))
+    elif size_from_reference and sizes:
         width, height = size_for_reference(*sizes[0])
     return Request(
         prompt=prompt, width=width, height=height, seed=seed, num_inference_steps=steps,
-        guidance_scale=guidance, references=references,
+        guidance_scale=guidance, references=references, image=image, mask=mask, strength=strength,
     )
 
 
@@ -218,13 +275,15 @@ def parse_references(value: np.ndarray | None) -> list[np.ndarray]:
     return _parse_references(value)[0]
 
 
-def _parse_references(value: np.ndarray | None) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+def _parse_references(value: np.ndarray | None, limit: int = MAX_REFERENCES
+                      ) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
     """The preprocessed references and each one's (width, height) as sent."""
     if value is None:
         return [], []
     _check("reference_images", value, "BYTES", lambda shape: len(shape) == 1)
-    if len(value) > MAX_REFERENCES:
-        raise InvalidInput("reference_images", f"at most {MAX_REFERENCES}, got {len(value)}")
+    if len(value) > limit:
+        why = "" if limit == MAX_REFERENCES else f" with init_image, which takes the {MAX_REFERENCES}th condition"
+        raise InvalidInput("reference_images", f"at most {limit}{why}, got {len(value)}")
     decoded = [_decode_reference(_as_bytes(f"reference_images[{i}]", item), i) for i, item in enumerate(value)]
     return [array for array, _ in decoded], [size for _, size in decoded]
 
@@ -255,6 +314,55 @@ def _open_image(data: bytes, name: str):
     return image
 
 
+def _check_limits(image, name: str) -> None:
+    """Flux2ImageProcessor.check_image_input's limits (the smallest side, the aspect ratio)."""
+    width, height = image.size
+    if width < REFERENCE_MIN_SIDE or height < REFERENCE_MIN_SIDE:
+        raise InvalidInput(
+            name, f"{width}x{height} is too small; both sides must be at least {REFERENCE_MIN_SIDE} pixels"
+        )
+    if max(width / height, height / width) > REFERENCE_MAX_ASPECT:
+        raise InvalidInput(
+            name,
+            f"{width}x{height} has aspect ratio {max(width / height, height / width):.1f}:1; "
+            f"at most {REFERENCE_MAX_ASPECT}:1 is allowed",
+        )
+
+
+def _open_single(value: np.ndarray, name: str, limits: bool = True):
+    """A BYTES [1] input holding one encoded image, decoded (PIL), with the references' limits."""
+    item = _check(name, value, "BYTES", lambda shape: tuple(shape) == (1,))[0]
+    data = _as_bytes(name, item)
+    if not data:
+        raise InvalidInput(name, "empty; expected an encoded PNG, JPEG or WebP image")
+    image = _open_image(data, name)
+    if limits:
+        _check_limits(image, name)
+    return image
+
+
+def prepare_image(picture, mask, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+    """The inpaint pipeline's `image` and `mask_image` at `size` (width, height), one of the 17 sizes:
+    uint8 [H, W, 3] and float32 [H, W] of 0/1 (None without a mask).
+
+    Both are first resized to `size` unless they have it (Lanczos, in their decoded mode). From there it is
+    the pipeline's step 2 for an image that needs no shrinking: `image_processor.preprocess(resize_mode=
+    "default")` resizes to the same size (nothing) and converts to RGB; `mask_processor.preprocess` converts
+    to grayscale, scales to 0..1 in float32 and binarizes (< 0.5 -> 0, >= 0.5 -> 1), diffusers v0.42.1
+    image_processor.py `VaeImageProcessor.preprocess` / `binarize`."""
+    from PIL import Image
+
+    if picture.size != size:
+        picture = picture.resize(size, Image.Resampling.LANCZOS)
+    image = np.ascontiguousarray(np.asarray(picture.convert("RGB"), dtype=np.uint8))
+    if mask is None:
+        return image, None
+    if mask.size != size:
+        mask = mask.resize(size, Image.Resampling.LANCZOS)
+    gray = np.asarray(mask.convert("L")).astype(np.float32) / np.float32(255.0)
+    return image, np.where(gray >= 0.5, np.float32(1), np.float32(0)).astype(np.float32)
+
+
 def decode_reference(data: bytes, index: int) -> np.ndarray:
     """Decode one reference image file and preprocess it as `Flux2KleinPipeline.__call__` does:
     check_image_input's limits, Lanczos resize to 1024*1024 area when larger, sides floored to multiples
@@ -271,18 +379,8 @@ def _decode_reference(data: bytes, index: int) -> tuple[np.ndarray, tuple[int, i
         raise InvalidInput(name, "empty; expected an encoded PNG, JPEG or WebP image")
     image = _open_image(bytes(data), name)
 
-    # Flux2ImageProcessor.check_image_input
     width, height = original = image.size
-    if width < REFERENCE_MIN_SIDE or height < REFERENCE_MIN_SIDE:
-        raise InvalidInput(
-            name, f"{width}x{height} is too small; both sides must be at least {REFERENCE_MIN_SIDE} pixels"
-        )
-    if max(width / height, height / width) > REFERENCE_MAX_ASPECT:
-        raise InvalidInput(
-            name,
-            f"{width}x{height} has aspect ratio {max(width / height, height / width):.1f}:1; "
-            f"at most {REFERENCE_MAX_ASPECT}:1 is allowed",
-        )
+    _check_limits(image, name)
 
     # Flux2ImageProcessor._resize_to_target_area, in the decoded mode (Pillow resizes P and 1 images
     # nearest-neighbour whatever is asked, and LA/RGBA with premultiplied alpha).

@@ -3,7 +3,9 @@
 The sampler is a batching Triton model, so each of these tensors carries a leading batch dimension of 1
 (`SAMPLER_INPUTS` in triton_config.py states the names and shapes without it). The guidance decision is
 made once, in preprocess, and travels as the named flag `guided`; under guidance the sampler also gets the
-empty negative prompt's tokens, which it encodes once and keeps.
+empty negative prompt's tokens, which it encodes once and keeps. With an `image` (inpainting, image-to-image)
+the picture travels as its pixels at the output size and the mask as the pipeline's per-token mask (computed
+here, on the CPU, where the pipeline computes it); without one both are empty.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .contract import strength_steps
 from .request import pack_references, unpack_references
-from .sampling import Shape
+from .sampling import Shape, mask_tokens
 from .sizes import latent_grid
 
 
@@ -30,11 +33,18 @@ class SamplerRequest:
     references: list[np.ndarray]  # uint8 [H, W, 3] each, already resized as the pipeline resizes them
     negative_input_ids: np.ndarray  # int64 [1, 512]
     negative_attention_mask: np.ndarray
+    image: np.ndarray | None = None  # uint8 [height, width, 3], inpainting / image-to-image
+    mask: np.ndarray | None = None  # float32 [h*w, 1] (sampling.mask_tokens); None: all repainted
+    strength: float = 1.0
+
+    @property
+    def start_step(self) -> int | None:
+        return None if self.image is None else strength_steps(self.num_inference_steps, self.strength)[0]
 
     @property
     def shape(self) -> Shape:
         grids = tuple(latent_grid(r.shape[1], r.shape[0]) for r in self.references)
-        return Shape(self.width, self.height, self.num_inference_steps, self.guided, grids)
+        return Shape(self.width, self.height, self.num_inference_steps, self.guided, grids, self.start_step)
 
 
 def pack(req, guided: bool, negative: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
@@ -55,6 +65,11 @@ def pack(req, guided: bool, negative: tuple[np.ndarray, np.ndarray]) -> dict[str
         "reference_shapes": shapes[None],
         "negative_input_ids": ids.reshape(1, -1).astype(np.int64, copy=False),
         "negative_attention_mask": mask.reshape(1, -1).astype(np.int64, copy=False),
+        "image_pixels": (np.zeros((1, 0), np.uint8) if req.image is None
+                         else np.ascontiguousarray(req.image, dtype=np.uint8).reshape(1, -1)),
+        "mask_tokens": (np.zeros((1, 0), np.float32) if req.mask is None
+                        else mask_tokens(req.mask).numpy().reshape(1, -1)),
+        "strength": one(req.strength, np.float32),
     }
 
 
@@ -68,4 +83,20 @@ def unpack(arrays: dict[str, np.ndarray]) -> SamplerRequest:
         references=unpack_references(arrays["reference_pixels"].reshape(-1), arrays["reference_shapes"].reshape(-1, 2)),
         negative_input_ids=arrays["negative_input_ids"].reshape(1, -1),
         negative_attention_mask=arrays["negative_attention_mask"].reshape(1, -1),
+        **_picture(arrays, int(scalar("width")), int(scalar("height"))),
     )
+
+
+def _picture(arrays: dict[str, np.ndarray], width: int, height: int) -> dict:
+    """The inpainting fields of `unpack`: the picture [height, width, 3] and the mask [h*w, 1], or None."""
+    pixels = arrays["image_pixels"].reshape(-1)
+    if pixels.size == 0:
+        return {}
+    if pixels.size != width * height * 3:
+        raise ValueError(f"image_pixels: {pixels.size} bytes, a {width}x{height} picture has {width * height * 3}")
+    tokens = arrays["mask_tokens"].reshape(-1, 1)
+    rows, cols = latent_grid(width, height)
+    if tokens.size not in (0, rows * cols):
+        raise ValueError(f"mask_tokens: {tokens.size} values, a {cols}x{rows} token grid has {rows * cols}")
+    return {"image": pixels.reshape(height, width, 3), "mask": tokens if tokens.size else None,
+            "strength": float(arrays["strength"].reshape(-1)[0])}

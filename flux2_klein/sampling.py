@@ -32,7 +32,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from flux2_klein.sizes import TEXT_TOKENS, latent_grid
+from flux2_klein.contract import strength_steps  # noqa: F401 - the loop's cut, stated with the contract
+from flux2_klein.sizes import PIXELS_PER_TOKEN_SIDE, TEXT_TOKENS, latent_grid
 
 # The pipeline hands the transformer `timestep / 1000` with a literal 1000, whatever the scheduler's
 # num_train_timesteps; the transformer multiplies by 1000 again inside.
@@ -302,6 +303,37 @@ def cfg_combine_torch(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: 
     return combined.add_(uncond)
 
 
+# ------------------------------------------------------------------------------------------- inpainting
+# Flux2KleinInpaintPipeline (diffusers v0.42.1, pipelines/flux2/pipeline_flux2_klein_inpaint.py) on top of
+# the loop above: the schedule is built for all steps and cut by strength (contract.strength_steps), the
+# start is the picture's latents noised to the first sigma kept, and after every Euler step the kept part of
+# the picture (mask 0) is put back, noised to the next sigma (clean after the last step).
+
+
+def mask_tokens(mask: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """The binarized pixel mask [H, W] (0 keep, 1 repaint) as the pipeline's per-token mask, float32 [h*w, 1]
+    on the CPU: `prepare_mask_latents`' bilinear interpolation (align_corners False) straight to the token
+    grid, then packed row-major. The pipeline interpolates on the mask's device, which is the CPU (the mask
+    processor makes it there); so does this."""
+    mask = torch.as_tensor(np.asarray(mask, dtype=np.float32) if not isinstance(mask, torch.Tensor) else mask)
+    mask = mask.to(device="cpu", dtype=torch.float32)
+    height, width = mask.shape
+    grid = (height // PIXELS_PER_TOKEN_SIDE, width // PIXELS_PER_TOKEN_SIDE)
+    tokens = torch.nn.functional.interpolate(mask[None, None], size=grid, mode="bilinear")
+    return tokens.reshape(1, grid[0] * grid[1]).T.contiguous()
+
+
+def scale_noise_torch(sample: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The scheduler's `scale_noise`: `sigma * noise + (1.0 - sigma) * sample` in float32, with `sigma` the
+    float32 sigma of the step (a 0-d tensor on the device), the same four roundings in the same order."""
+    return sigma * noise + (1.0 - sigma) * sample
+
+
+def blend_torch(latents: torch.Tensor, kept: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The pipeline's `(1 - mask) * kept + mask * latents` (mask [.., h*w, 1] broadcast over channels)."""
+    return (1 - mask) * kept + mask * latents
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 
 # transformer(hidden_states [B,S,C], encoder_hidden_states [B,512,D], timestep [B] float32,
@@ -320,6 +352,9 @@ class Job:
 
     prompt_embeds [1, L, D] or [L, D]; negative_prompt_embeds likewise, required when the batch runs
     classifier-free guidance; references: each reference's tokens, [h_i*w_i, C] or [h_i, w_i, C].
+    image: inpainting / image-to-image, the picture's tokens [h*w, C] (the VAE encoder's, at the output size):
+    the start of the loop, what the mask keeps, and the first condition (before the references); mask: its
+    `mask_tokens` [h*w, 1] (None: all repainted, which is the pipeline with a white mask).
     """
 
     prompt_embeds: np.ndarray | torch.Tensor
@@ -327,6 +362,8 @@ class Job:
     guidance_scale: float = 1.0
     negative_prompt_embeds: np.ndarray | torch.Tensor | None = None
     references: Sequence[np.ndarray | torch.Tensor] = ()
+    image: np.ndarray | torch.Tensor | None = None
+    mask: np.ndarray | torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -338,6 +375,8 @@ class Shape:
     num_steps: int
     do_cfg: bool
     reference_grids: tuple[tuple[int, int], ...] = ()
+    # With an image (inpainting, image-to-image): the first step run after strength's cut; None without one.
+    start_step: int | None = None
 
     @property
     def rows_per_job(self) -> int:
@@ -446,6 +485,7 @@ def sample_batch(
     step_callback: Callable[[int, torch.Tensor], None] | None = None,
     device: str | torch.device = "cpu",
     dit_dtype: torch.dtype = torch.float32,
+    start_step: int | None = None,
 ) -> list[torch.Tensor]:
     """Run the klein denoising loop for several requests of one shape at once; return each request's final
     latents, a float32 [h, w, C] tensor on `device` (contiguous, owned by the caller).
@@ -464,6 +504,10 @@ def sample_batch(
     is read before the next call. `step_callback(i, latents [n, h*w, C])` sees the tokens after each step.
     `dit_dtype` is the dtype of the DiT's hidden and encoder states at its boundary (float32, or bf16 where
     the DiT computes in bf16 and its model declares a bf16 boundary); the Euler steps stay float32.
+
+    `start_step` (inpainting / image-to-image: every job has an `image`) is strength's cut of the schedule
+    (`strength_steps`): steps start_step..num_steps-1 of the full schedule run, from the picture noised to
+    the first of them, and each job's mask (None: no blend, the pipeline's white mask) keeps its picture.
     """
     if not jobs:
         return []
@@ -487,6 +531,16 @@ def sample_batch(
     batch = encoder_hidden_states.shape[0]
 
     refs = [_reference_inputs(j.references, reference_grids, channels, device) for j in jobs]
+    images = None
+    if start_step is not None:  # the picture is the first condition, at the noise's grid (t = 10)
+        if any(j.image is None for j in jobs):
+            raise ValueError("start_step is for jobs with an image (inpainting, image-to-image)")
+        if not 0 <= start_step < num_steps:
+            raise ValueError(f"start_step must be 0..{num_steps - 1}, got {start_step}")
+        images = [_tensor(j.image, torch.float32, device).reshape(n_noise, channels) for j in jobs]
+        refs = [([image, *tokens], [(rows, cols), *g]) for image, (tokens, g) in zip(images, refs)]
+    elif any(j.image is not None for j in jobs):
+        raise ValueError("jobs with an image need start_step")
     grids = refs[0][1]
     if any(g != grids for _, g in refs):
         raise ValueError(f"references of one batch must share their grids, got {[g for _, g in refs]}")
@@ -512,7 +566,16 @@ def sample_batch(
     del refs
 
     latents = torch.stack([initial_noise_tensor(width, height, channels, j.seed, device) for j in jobs])
-    for i in range(num_steps):
+    first, masks = 0, None
+    if images is not None:
+        first = start_step
+        sigma_at = torch.from_numpy(sigmas).to(device)  # the scheduler's float32 sigmas, on the device
+        noise, pictures = latents, torch.stack(images)
+        latents = scale_noise_torch(pictures, noise, sigma_at[first])
+        if any(j.mask is not None for j in jobs):  # a job without a mask in a masked batch: all ones
+            masks = torch.stack([torch.ones((n_noise, 1), dtype=torch.float32, device=device) if j.mask is None
+                                 else _tensor(j.mask, torch.float32, device).reshape(n_noise, 1) for j in jobs])
+    for i in range(first, num_steps):
         hidden[:, :n_noise] = latents.repeat(batch // n, 1, 1) if do_cfg else latents
         output = transformer(hidden, encoder_hidden_states, dit_timesteps[i], img_ids, txt_ids)
         velocity = _velocity(output, tuple(hidden.shape), device)
@@ -521,8 +584,11 @@ def sample_batch(
         else:
             v = velocity[:, :n_noise]
         latents = euler_step_torch(latents, v, dts[i])
+        if masks is not None:  # the kept part: the picture noised to the next sigma, clean after the last step
+            kept = pictures if i == num_steps - 1 else scale_noise_torch(pictures, noise, sigma_at[i + 1])
+            latents = blend_torch(latents, kept, masks)
         if step_callback is not None:
-            step_callback(i, latents)
+            step_callback(i - first, latents)
     return [tokens_to_grid(latents[k], width, height) for k in range(n)]
 
 
@@ -543,15 +609,19 @@ def sample(
     negative_prompt_embeds: np.ndarray | torch.Tensor | None = None,
     step_callback: Callable[[int, torch.Tensor], None] | None = None,
     device: str | torch.device | None = None,
+    image: np.ndarray | torch.Tensor | None = None,
+    mask: np.ndarray | torch.Tensor | None = None,
+    start_step: int | None = None,
 ) -> torch.Tensor:
     """One request's loop: `sample_batch` with a single job; returns float32 latents [h, w, C] on `device`
     (by default prompt_embeds' device when it is a tensor, else the CPU). `step_callback(i, latents)` sees
     the [h*w, C] tokens after each step."""
     if device is None:
         device = prompt_embeds.device if isinstance(prompt_embeds, torch.Tensor) else "cpu"
-    job = Job(prompt_embeds, seed, guidance_scale, negative_prompt_embeds, references)
+    job = Job(prompt_embeds, seed, guidance_scale, negative_prompt_embeds, references, image, mask)
     callback = None if step_callback is None else (lambda i, latents: step_callback(i, latents[0]))
     (latents,) = sample_batch(transformer, [job], width=width, height=height, num_steps=num_steps,
                               scheduler_config=scheduler_config, channels=channels, do_cfg=do_cfg,
-                              reference_grids=reference_grids, step_callback=callback, device=device)
+                              reference_grids=reference_grids, step_callback=callback, device=device,
+                              start_step=start_step)
     return latents

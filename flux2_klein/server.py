@@ -25,8 +25,8 @@ from pathlib import Path
 from .contract import MODEL_NAME
 from .progress import log
 from .watchdog import (
-    RestartBudget, StubWatch, clean_stale_shm, drain, kill_group, kill_orphan_stubs, new_admin_key, restriction_args,
-    stub_pids,
+    RestartBudget, StubWatch, alive, clean_stale_shm, drain, kill_group, kill_orphan_stubs, new_admin_key,
+    remove_regions_since, restriction_args, shm_regions, stub_pids,
 )
 
 # Shared memory between Triton and each Python model (one region per instance, in /dev/shm, which
@@ -194,6 +194,7 @@ class TritonProcess:
         self.die_with_parent = die_with_parent
         self.process: subprocess.Popen | None = None
         self._log = None
+        self._shm_before: set[str] | None = None  # /dev/shm's regions when it started (watchdog.remove_regions_since)
 
     @property
     def install(self) -> TritonInstall:
@@ -237,6 +238,7 @@ class TritonProcess:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = open(self.log_path, "wb")
         out = self._log if self._log is not None else None
+        self._shm_before = shm_regions()
         self.process = subprocess.Popen(self.command(), env=self.environment(), cwd=self.cwd, stdout=out,
                                         stderr=subprocess.STDOUT if out is not None else None,
                                         start_new_session=self.new_session,
@@ -257,7 +259,8 @@ class TritonProcess:
 
     def stop(self, timeout_s: float = 60) -> int | None:
         """SIGTERM (Triton finishes the requests in flight), SIGKILL after `timeout_s`; the exit status.
-        Its Python-backend stubs die with it: a stub outliving its server holds memory and /dev/shm."""
+        Its Python-backend stubs die with it (a stub outliving its server holds memory and /dev/shm), and
+        then the /dev/shm regions it left (killed, it removes none) go: /dev/shm is left as it was found."""
         if self.process is not None and self.process.poll() is None:
             stubs = stub_pids(self.process.pid)
             self.process.send_signal(signal.SIGTERM)
@@ -269,6 +272,14 @@ class TritonProcess:
             for pid in stubs:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 5.0  # a killed stub unmaps its regions as it exits
+            while any(alive(pid) for pid in stubs) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        if self.process is not None and self.new_session:
+            kill_group(self.process.pid)  # stubs re-parented after a killed server; waits until they are gone
+        if self._shm_before is not None:
+            remove_regions_since(self._shm_before)
+            self._shm_before = None  # once: a second stop() has nothing of ours to remove
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -380,8 +391,7 @@ def serve(repository: str | Path, http_port: int = 8000, grpc_port: int = 8001, 
                 if problem is None:
                     time.sleep(poll_s)
             kill_group(server.process.pid)
-            server.stop(timeout_s=10)
-            clean_stale_shm(min_age_s=1.0)  # the group just killed mapped its regions; nobody does now
+            server.stop(timeout_s=10)  # and the regions the killed group left in /dev/shm
             if not budget.allow():
                 log.error("%s; %d restarts within %.0f s already: giving up", problem, budget.limit, budget.window_s)
                 return 1
@@ -390,6 +400,8 @@ def serve(repository: str | Path, http_port: int = 8000, grpc_port: int = 8001, 
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        if server is not None and server.process.poll() is None:
-            kill_group(server.process.pid)
-            server.process.wait()
+        if server is not None:  # every exit: no server, stub or /dev/shm region of ours stays
+            if server.process.poll() is None:
+                kill_group(server.process.pid)
+                server.process.wait()
+            server.stop()

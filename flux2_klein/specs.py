@@ -114,15 +114,20 @@ def transformer_spec(ckpt: Checkpoint) -> NetworkSpec:
     t2i_min, t2i_max = _range(image_tokens(w, h) for w, h in SIZES)
     t2i_opt = image_tokens(1024, 1024)
     ref_min, ref_max = reference_token_bounds()
+    # Inpainting's picture rides as the first condition at the output size (request.py), so a condition
+    # can hold up to t2i_max tokens (4150 at 800x1328, above a 1 MP reference's 4096), beside at most
+    # MAX_REFERENCES - 1 references.
+    one_cond = max(ref_max, t2i_max)
+    all_cond = max(MAX_REFERENCES * ref_max, t2i_max + (MAX_REFERENCES - 1) * ref_max)
     # Three profiles rather than one wide one: kernels are chosen for the opt shape and a range of
-    # 4042..20534 tokens would tune text-to-image (the common case) for a 5x longer sequence.
+    # 4042..20588 tokens would tune text-to-image (the common case) for a 5x longer sequence.
     profiles = (
         Profile("t2i", {"batch": (1, 1, MAX_BATCH), "tokens": (t2i_min, t2i_opt, t2i_max)}),
-        Profile("edit", {"batch": (1, 1, MAX_BATCH), "tokens": (t2i_min + ref_min, 2 * t2i_opt, t2i_max + ref_max)}),
+        Profile("edit", {"batch": (1, 1, MAX_BATCH), "tokens": (t2i_min + ref_min, 2 * t2i_opt, t2i_max + one_cond)}),
         Profile(
             "multi_ref",
             {"batch": (1, 1, MAX_BATCH),
-             "tokens": (t2i_min + 2 * ref_min, 3 * t2i_opt, t2i_max + MAX_REFERENCES * ref_max)},
+             "tokens": (t2i_min + 2 * ref_min, 3 * t2i_opt, t2i_max + all_cond)},
         ),
     )
     return NetworkSpec(
@@ -141,6 +146,13 @@ def transformer_spec(ckpt: Checkpoint) -> NetworkSpec:
 
 
 def vae_decoder_spec(ckpt: Checkpoint) -> NetworkSpec:
+    """One profile: the box of the 17 sizes' latent grids (42..98 rows by 42..98 columns). Its largest shape,
+    98x98, is no size of ours, but aspect buckets would hold more, not less: Triton's tensorrt_backend makes
+    one execution context per listed profile when an instance loads, each with its own activation memory
+    (src/instance_state.cc, InitializeExecutionContexts: "Create one TRT context for each specified
+    profile", createExecutionContext(AllocationStrategy()), read at e2ef6d7), so the memory held is the
+    sum over profiles: wide/square/tall boxes of 59x98 + 64x64 + 98x59 latent cells (15,660) against one
+    98x98 (9,604)."""
     channels = ckpt.latent_channels
     rows = _range(latent_grid(w, h)[0] for w, h in SIZES)
     cols = _range(latent_grid(w, h)[1] for w, h in SIZES)
@@ -172,7 +184,10 @@ def reference_profiles() -> tuple[Profile, ...]:
     lo_side, step = REFERENCE_MIN_SIDE, PIXELS_PER_TOKEN_SIDE
     tall, lo = [], side + step
     while lo <= REFERENCE_MAX_SIDE:
-        short = min(REFERENCE_MAX_SIDE, _floor16(REFERENCE_MAX_AREA / lo))
+        # Also every one of the 17 sizes (an inpainting picture is encoded at the output size, and
+        # 672x1568 is a little over 1 MP): its short side where its long side falls in this bucket.
+        short = max([min(REFERENCE_MAX_SIDE, _floor16(REFERENCE_MAX_AREA / lo))]
+                    + [min(w, h) for w, h in SIZES if max(w, h) >= lo])
         hi = min(REFERENCE_MAX_SIDE, _floor16(REFERENCE_PROFILE_MAX_AREA / short))
         long_opt = _floor16((lo * hi) ** 0.5)
         tall.append(((lo, long_opt, hi), (lo_side, min(short, _floor16(REFERENCE_MAX_AREA / long_opt)), short)))

@@ -1,6 +1,6 @@
 """What a TensorRT engine is specific to (`Target`): the TensorRT that builds it and the GPU it runs on.
 
-One record for the engine builder (export/engines.py, which asks torch) and the container's profile key
+One record for the engine builder (export/tensorrt/build.py, which asks torch) and the container's profile key
 (which asks nvidia-smi, before anything heavy loads).
 """
 
@@ -49,8 +49,8 @@ def gpu_facts(nvidia_smi: str | None = "", timeout_s: float = 30) -> tuple[str, 
 
 def tensorrt_version() -> str:
     """The version of the TensorRT module that builds the engines (`tensorrt`, or the bindings wheel's
-    `tensorrt_bindings`, as export.trt_build.import_trt finds it); "none" where none imports."""
-    from .export.trt_build import import_trt
+    `tensorrt_bindings`, as export.tensorrt.library.import_trt finds it); "none" where none imports."""
+    from .export.tensorrt.library import import_trt
 
     try:
         tensorrt = import_trt()

@@ -41,10 +41,15 @@ SAMPLER_INPUTS = (
     Tensor("reference_shapes", "int32", ("n", 2)),
     Tensor("negative_input_ids", "int64", (TEXT_TOKENS,)),
     Tensor("negative_attention_mask", "int64", (TEXT_TOKENS,)),
+    # Inpainting / image-to-image (sampler_io.py): the picture at the output size (no bytes without one), its
+    # per-token mask (none: all repainted) and the strength that cuts the schedule.
+    Tensor("image_pixels", "uint8", ("bytes",)),
+    Tensor("mask_tokens", "float32", ("tokens",)),
+    Tensor("strength", "float32", (1,)),
 )
 # References differ in size from request to request: the batcher may still put them in one execute()
 # (the sampler groups by shape itself).
-RAGGED = ("reference_pixels", "reference_shapes")
+RAGGED = ("reference_pixels", "reference_shapes", "image_pixels", "mask_tokens")
 # preprocess's word to the guardrail's output check (the safety model, when the repository has one).
 CHECK_OUTPUT = Tensor("check_output", "bool", (1,))
 SAFETY_MODEL = "safety"
@@ -228,20 +233,23 @@ def ensemble_config(specs: dict[str, NetworkSpec], safety: bool = False) -> str:
 
 def plan_config(spec: NetworkSpec, instances: Instances) -> str:
     """A leaf network as a `tensorrt_plan` model: every profile usable by each instance (the backend picks
-    the one that fits a request's shapes), CUDA graphs captured for the opt shapes (the common case:
-    other shapes run without a graph)."""
+    the one that fits a request's shapes).
+
+    No CUDA graphs. tensorrt_backend captures the graphs of a `max_batch_size: 0` model under batch key 0
+    (src/instance_state.cc, InitializeCudaGraph: `cuda_graph_batch_sizes = {0}`) but looks them up with the
+    request's total batch size, which is 1 for such models (Run: `input_dims{total_batch_size_}`, then
+    FindClosestCudaGraph), so a captured graph is never launched (triton-inference-server/server#7150; read
+    at tensorrt_backend e2ef6d7, the fix is tensorrt_backend PR #125, after Triton 25.10). Capture would
+    still cost memory and load time, and a profile lacking the graph's shape (the VAE encoder's aspect
+    buckets) logs an ERROR at load. Our networks run tens of milliseconds a call at 1 MP, where a graph's
+    saved launch overhead is a fraction of a percent: nothing to win even where graphs work."""
     profiles = ", ".join(f'"{i}"' for i in range(len(spec.profiles)))
     count = getattr(instances, spec.name)
-    opt = {k: v[1] for k, v in spec.profiles[0].dims.items()}
-    graph_inputs = " ".join(
-        f'input {{ key: "{t.name}" value {{ dim: [ {", ".join(str(d) for d in spec.shape(t, opt))} ] }} }}'
-        for t in spec.inputs)
     parts = [
         f'name: "{spec.name}"', 'platform: "tensorrt_plan"', "max_batch_size: 0",
         'default_model_filename: "model.plan"',
         leaf_inputs(spec), _io("output", spec.outputs),
         f"instance_group [ {{ count: {count} kind: KIND_GPU profile: [ {profiles} ] }} ]",
-        f"optimization {{ cuda {{ graphs: true graph_spec [ {{ {graph_inputs} }} ] }} }}",
         # Each profile gets an execution context; by default each would hold memory for the largest shape
         # of all profiles (the DiT's multi-reference maximum, three times over). Allocate on a profile change.
         _params({"execution_context_allocation_strategy": "ON_PROFILE_CHANGE"}),

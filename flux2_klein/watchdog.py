@@ -155,6 +155,43 @@ def clean_stale_shm(shm_dir: Path = SHM_DIR, min_age_s: float = 30.0) -> tuple[i
     return files, size
 
 
+def shm_regions(shm_dir: Path = SHM_DIR) -> set[str]:
+    """Names of the Python-backend regions in `shm_dir` now."""
+    try:
+        return {p.name for p in shm_dir.iterdir() if p.name.startswith(SHM_PREFIX)}
+    except OSError:
+        return set()
+
+
+def remove_regions_since(before: set[str], shm_dir: Path = SHM_DIR) -> tuple[int, int]:
+    """Remove the Python-backend regions that were not in `before` (taken just before a tritonserver started)
+    and that no process maps now: that server's own, once it and its stubs are gone; (files, bytes) removed.
+
+    Why by name and not by age (clean_stale_shm): each stub's region is `triton_python_backend_shm_region_`
+    plus a fresh UUID (python_backend r25.10, src/stub_launcher.cc, StubLauncher::Initialize), removed only
+    when a SharedMemoryManager holding it is destroyed (src/shm_manager.cc, ~SharedMemoryManager: in
+    tritonserver, or in the stub, as they exit normally). A group killed with SIGKILL (a restart, a stop
+    past its timeout) removes none, and no later server reuses the names. A region written to or grown
+    just before the kill has a fresh mtime (tmpfs updates it for writes through a mapping too), so the age
+    threshold of the restart's cleanup left it behind until the next start (issue 19.9). What appeared
+    while this server ran and is unmapped once its process group is dead was its; a region of another
+    live server is mapped by it and stays.
+    """
+    new = shm_regions(shm_dir) - set(before)
+    if not new:
+        return 0, 0
+    mapped, files, size = _mapped_shm(), 0, 0
+    for name in sorted(new - mapped):
+        with contextlib.suppress(OSError):
+            blocks = (shm_dir / name).stat().st_blocks
+            (shm_dir / name).unlink()
+            files, size = files + 1, size + blocks * 512
+    if files:
+        log.info("removed %d shared-memory region(s) of the stopped tritonserver from %s (%.1f MB)", files, shm_dir,
+                 size / 1e6)
+    return files, size
+
+
 def shm_usage(shm_dir: Path = SHM_DIR) -> tuple[int, int]:
     """(files, bytes in memory) of the Python-backend regions in `shm_dir`."""
     files = size = 0

@@ -7,9 +7,9 @@ config otherwise. Thin glue: the graph is the logic.
 import json
 import os
 
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
+from flux2_klein.ort_session import make_session
 from flux2_klein.triton_tensors import error_response, get_numpy, params, to_triton
 
 
@@ -17,15 +17,9 @@ class TritonPythonModel:
     def initialize(self, args):
         config = params(json.loads(args["model_config"]))
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
-        opts = ort.SessionOptions()
-        # One thread per instance: concurrency comes from instances, not from threads fighting.
-        opts.intra_op_num_threads = int(config.get("intra_op_threads", "1"))
-        opts.inter_op_num_threads = 1
-        # Shapes change with every size: ORT's arena and memory patterns would keep the largest of each
-        # (gigabytes per VAE instance at 1568x672); plain allocations keep an instance near its need.
-        opts.enable_cpu_mem_arena = False
-        opts.enable_mem_pattern = False
-        self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        # The same session as DirectPipeline's (flux2_klein/ort_session.py says why each setting): bounded
+        # memory across sizes without page-faulting the working set on every run.
+        self.session = make_session(path, threads=int(config.get("intra_op_threads", "1")))
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
 

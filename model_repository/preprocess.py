@@ -29,7 +29,8 @@ class TritonPythonModel:
         req = parse_request(inputs, self.defaults)
         disable = inputs["disable_safety_checker"] is not None and bool(inputs["disable_safety_checker"].reshape(-1)[0])
         # Before any GPU work: a refused prompt or reference costs no text encoder or DiT time.
-        check_output = self.guard.check_request(request, req.prompt, req.references, disable)
+        pictures = req.references if req.image is None else [req.image, *req.references]  # the picture too
+        check_output = self.guard.check_request(request, req.prompt, pictures, disable)
         ids, mask = self.tokenizer.encode(req.prompt)
         guided = use_cfg(self.is_distilled, req.guidance_scale)
         message = sampler_io.pack(req, guided, self.negative)

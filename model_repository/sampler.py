@@ -2,7 +2,8 @@
 
 A batching model: Triton's dynamic batcher hands `execute` the requests queued together; those of one
 shape (size, steps, guidance, reference grids: `sampling.plan_batches`) run as one loop whose every step is
-one DiT call for all of them. References go through `vae_encoder` once per request; under guidance the
+one DiT call for all of them. References (and an inpainting request's picture) go through `vae_encoder` once
+per request; under guidance the
 empty negative prompt is encoded once (through `text_encoder`) and kept. On a GPU instance every tensor
 stays on the GPU: inputs arrive there (FORCE_CPU_ONLY_INPUT_TENSORS off), BLS asks for GPU outputs, and
 tensors cross by DLPack.
@@ -15,6 +16,7 @@ import triton_python_backend_utils as pb_utils
 
 from flux2_klein import sampler_io
 from flux2_klein.export.onnx_export import DTYPES
+from flux2_klein.ort_session import one_torch_thread
 from flux2_klein.sampling import Job, plan_batches, sample_batch
 from flux2_klein.triton_config import SAMPLER_INPUTS
 from flux2_klein.triton_tensors import bls, error_response, get_input, get_numpy, params, to_triton
@@ -29,6 +31,8 @@ class TritonPythonModel:
         self.dit_dtype = DTYPES[config.get("dit_dtype", "fp32")]  # the DiT's hidden/encoder state boundary
         gpu = args["model_instance_kind"] == "GPU"
         self.device = f"cuda:{args['model_instance_device_id']}" if gpu else "cpu"
+        if not gpu:
+            one_torch_thread()  # the loop's small tensors: more threads only wait on each other (ort_session.py)
         self.negatives = {}  # the negative prompt's tokens -> its embedding, on self.device
 
     def _dit(self, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids):
@@ -53,9 +57,13 @@ class TritonPythonModel:
         for image in req.references:
             (tokens,) = bls("vae_encoder", {"image": torch.from_numpy(image.copy())}, ["tokens"], self.device)
             references.append(tokens)
+        image = mask = None
+        if req.image is not None:  # inpainting / image-to-image: the picture's tokens, and its mask
+            (image,) = bls("vae_encoder", {"image": torch.from_numpy(req.image.copy())}, ["tokens"], self.device)
+            mask = None if req.mask is None else torch.from_numpy(req.mask.copy()).to(self.device)
         embeds = get_input(request, "prompt_embeds").to(self.device)  # [1, 512, D]: a batch of one
         negative = self._negative(req) if req.guided else None
-        return req, Job(embeds, req.seed, req.guidance_scale, negative, references)
+        return req, Job(embeds, req.seed, req.guidance_scale, negative, references, image, mask)
 
     def _run(self, group, jobs, responses):
         first = jobs[group[0]][0]
@@ -65,7 +73,7 @@ class TritonPythonModel:
                 self._dit, [jobs[i][1] for i in group], width=shape.width, height=shape.height,
                 num_steps=shape.num_steps, scheduler_config=self.scheduler_config, channels=self.channels,
                 do_cfg=shape.do_cfg, reference_grids=shape.reference_grids, device=self.device,
-                dit_dtype=self.dit_dtype,
+                dit_dtype=self.dit_dtype, start_step=shape.start_step,
             )
         except Exception as e:  # noqa: BLE001 - answer, log, keep serving
             if len(group) > 1:  # one request's failure must not fail the others: each again, alone

@@ -8,7 +8,11 @@ GPU tensors by DLPack. Thin glue: the wrapper is the logic.
 
 Config parameters: checkpoint (absolute path), dtype (fp32 | bf16 | fp16), fp8 ("true": FP8 GEMMs, see
 flux2_klein/torch_runtime.py), torch_compile ("" or a torch.compile mode), warm_sizes ("", "all" or WxH,...),
-max_dit_rows (the batches to warm), intra_op_threads.
+max_dit_rows (the batches to warm), warm_references (the reference counts to warm, 0..4), intra_op_threads.
+
+Warm-up uses the input dtypes this config declares (what Triton lets through). Every network call is timed
+and its compiles counted (flux2_klein/leaf_timing.py), exported as Triton custom metrics; a request that
+compiles is logged as an error.
 """
 
 import json
@@ -17,10 +21,13 @@ import sys
 import torch
 import triton_python_backend_utils as pb_utils
 
-from flux2_klein.torch_runtime import WarmShapes, load_leaf
+from flux2_klein.leaf_timing import TritonMetrics
+from flux2_klein.torch_runtime import WarmShapes, configure_torch, load_leaf
+from flux2_klein.triton_config import TRITON_TYPES
+from flux2_klein.triton_tensors import error_response, get_input, params, to_triton
 
 OUTPUT_DTYPES = {"TYPE_BF16": torch.bfloat16, "TYPE_FP16": torch.float16}
-from flux2_klein.triton_tensors import error_response, get_input, params, to_triton
+SPEC_DTYPES = {triton: name for name, triton in TRITON_TYPES.items()}  # TYPE_BF16 -> bfloat16, ...
 
 
 class TritonPythonModel:
@@ -41,19 +48,29 @@ class TritonPythonModel:
         torch.set_num_threads(int(options.get("intra_op_threads", "1")))
         if gpu:
             torch.cuda.set_device(self.device)
-            torch.backends.cudnn.benchmark = True  # the VAE's convolutions: tuned per shape while warming
+        settings = configure_torch(options["dtype"])  # inductor and cuDNN: the bench's baseline sets the same
         leaf = load_leaf(options["checkpoint"], self.name, dtype=options["dtype"], device=self.device,
                          fp8=options.get("fp8", "false") == "true", compile_mode=options.get("torch_compile", ""),
                          warm_shapes=WarmShapes.parse(options.get("warm_sizes", ""),
-                                                      int(options.get("max_dit_rows", "1"))))
-        self.module = leaf.module
+                                                      int(options.get("max_dit_rows", "1")),
+                                                      int(options.get("warm_references", "4"))),
+                         input_dtypes={t["name"]: SPEC_DTYPES[t["data_type"]] for t in config["input"]})
+        self.leaf = leaf
+        self.metrics = TritonMetrics(pb_utils, self.name, args.get("model_instance_name", self.name))
+        leaf.monitor.sink = self.metrics.record
         # (Not pb_utils.Logger: a Logger call in initialize was seen to leave a model's load hanging.)
-        print(f"flux2-klein {leaf.summary}", file=sys.stderr, flush=True)
+        print(f"flux2-klein {leaf.summary}; compile threads {settings['compile_threads']}, cuDNN benchmark "
+              f"{settings['cudnn_benchmark']}", file=sys.stderr, flush=True)
 
     def _run(self, request):
         with torch.inference_mode():
             args = [get_input(request, n).to(self.device) for n in self.inputs]
-            result = self.module(*args)
+            result = self.leaf(*args)
+            if self.leaf.monitor.last_compiled:
+                pb_utils.Logger.log_error(
+                    f"{self.name}: this request compiled {self.leaf.monitor.last_compiled} graph(s) after warm-up "
+                    f"({self.leaf.monitor.compiles} so far): warm-up missed its dtypes or shapes "
+                    f"{[(tuple(a.shape), str(a.dtype)) for a in args]}")
             results = result if isinstance(result, tuple) else (result,)
             results = tuple(r if d is None else r.to(d) for r, d in zip(results, self.output_dtypes))
             if self.host_outputs:
@@ -70,3 +87,9 @@ class TritonPythonModel:
                 pb_utils.Logger.log_error(f"{self.name}: {type(e).__name__}: {e}")
                 responses.append(error_response(f"{self.name}: {type(e).__name__}: {e}"))
         return responses
+
+    def finalize(self):
+        m = self.leaf.monitor
+        print(f"flux2-klein {self.name}: served {m.calls} network calls, {m.seconds:.1f} s in the network, "
+              f"{m.compiles} graphs compiled after warm-up", file=sys.stderr, flush=True)
+        self.metrics.close()

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ServeCommand
+from conftest import serve_one_batching_sampler
 from flux2_klein import sampler_io, sampling
 from flux2_klein.client.triton_client import Flux2KleinClient
 from flux2_klein.sampling import Job, Shape, plan_batches, sample, sample_batch
 from flux2_klein.tiny import SCHEDULER_CONFIG
-from flux2_klein.triton_config import SAMPLER_INPUTS, Batching, Instances
+from flux2_klein.triton_config import SAMPLER_INPUTS
 from test_serving import encoded, oracle, pattern
 
 A, B = Shape(1024, 1024, 4, False), Shape(672, 1568, 4, False)
@@ -70,10 +70,15 @@ def test_a_batched_loop_gives_each_request_its_own_latents(tiny_ckpt, cfg):
         alone = sample(dit, job.prompt_embeds, seed=job.seed, references=job.references, do_cfg=cfg,
                        guidance_scale=job.guidance_scale, negative_prompt_embeds=job.negative_prompt_embeds, **kw)
         assert got.shape == (64, 64, 32)
-        # The DiT's GEMMs see more rows, so their rounding may differ in the last bits (measured: 2 values of
-        # 131072 off by 2.7e-4, the tiny model's sharp attention amplifying them); nothing more.
-        torch.testing.assert_close(got, alone, rtol=0, atol=1e-3)
-        assert float((got - alone).abs().mean()) < 1e-5
+        # The DiT's GEMMs see more rows, so their rounding differs in the last bits, by how much depending on the
+        # CPU's kernels and amplified by the tiny model's sharp attention and by guidance: measured 2 values of
+        # 131072 off by 2.7e-4 on one host; on an AMD EPYC one, with guidance, a mean of 1.1e-5 (latents of
+        # mean magnitude ~3), 0.05% of values above 1e-3, the largest 2.5e-3. A swapped seed or prompt moves
+        # nearly every value by ~1.
+        diff = (got - alone).abs()
+        torch.testing.assert_close(got, alone, rtol=0, atol=1e-2)  # measured up to 2.5e-3 on 5 of 131072 values
+        assert float(diff.mean()) < 5e-5
+        assert float((diff > 1e-3).float().mean()) < 1e-2  # measured up to 0.05% (a swapped seed: ~100%)
     assert not torch.equal(together[0], together[1])  # each its own seed and prompt
 
 
@@ -107,13 +112,8 @@ def test_preprocess_hands_the_sampler_one_request_with_its_batch_dimension():
 @pytest.fixture(scope="module")
 def batching_server(tiny_ckpt, onnx_dir, tmp_path_factory):
     """One sampler that waits up to a second for company: concurrent requests share a loop for sure."""
-    from flux2_klein.repository import build_repository
-
-    repo = build_repository(tiny_ckpt, tmp_path_factory.mktemp("batching") / "repo", onnx_dir=onnx_dir,
-                            instances=Instances(preprocess=2, sampler=1, text_encoder=1, transformer=1,
-                                                vae_decoder=1, vae_encoder=1),
-                            batching=Batching(max_requests=4, queue_delay_us=1_000_000))
-    server = ServeCommand.started(repo, tmp_path_factory.mktemp("batching-logs"))
+    server = serve_one_batching_sampler(tiny_ckpt, onnx_dir, tmp_path_factory, "batching")
+    repo = server.repository
     yield server, repo
     server.stop()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -164,12 +165,53 @@ def test_tensorrt_version_absent_and_present(monkeypatch):
 
 
 def test_tensorrt_code_invalidates_the_cache_and_onnx_dir_is_refused_for_tensorrt(tmp_path):
-    from flux2_klein.container.profile import CODE_FILES, CODE_PACKAGES
+    from flux2_klein.container.profile import code_files
 
-    assert "tensorrt_build.py" in CODE_FILES and "flux2_klein.export" in CODE_PACKAGES
+    names = {rel for rel, _ in code_files()}
+    assert {"flux2_klein/guardrail/repository.py", "flux2_klein/export/onnx_export.py",
+            "flux2_klein/model_repository/sampler.py", "flux2_klein/configs/flux2-klein-4b.json",
+            "flux2_klein/guardrail/blocklist.txt", "flux2_klein/export/calibration_prompts.txt"} <= names
+    assert any("tensorrt" in n or "trt_" in n for n in names), "the TensorRT code is in the key"
+    assert not any(n.startswith(("flux2_klein/client/", "flux2_klein/container/")) for n in names)
     with pytest.raises(ConfigError, match="FLUX2_KLEIN_ONNX_DIR.*onnxruntime"):
         Settings.from_env({"FLUX2_KLEIN_RUNTIME": "tensorrt", "FLUX2_KLEIN_ONNX_DIR": str(tmp_path)})
     assert Settings.from_env({"FLUX2_KLEIN_RUNTIME": "onnxruntime", "FLUX2_KLEIN_ONNX_DIR": str(tmp_path)}).onnx_dir
+
+
+def _package_copy(dst: Path) -> Path:
+    """The checkout's package folders (the raw layout: export/, client/, model_repository/ beside
+    flux2_klein/), copied; its flux2_klein folder."""
+    for name in ("flux2_klein", "export", "client", "model_repository"):
+        shutil.copytree(ROOT / name, dst / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dst / "flux2_klein"
+
+
+def test_a_change_in_any_module_that_builds_or_serves_changes_the_code_key(tmp_path):
+    from flux2_klein.container.profile import code_fingerprint
+
+    package = _package_copy(tmp_path)
+    key = code_fingerprint(package)
+    assert key == code_fingerprint(), "a copy of the same code has the same key"
+    changed = ["guardrail/repository.py", "guardrail/blocklist.txt", "configs/flux2-klein-4b.json", "specs.py",
+               "../export/onnx_export.py", "../export/calibration_prompts.txt", "../model_repository/preprocess.py"]
+    for rel in changed:
+        path = package / rel
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n")
+        assert code_fingerprint(package) != key, f"a change in {rel} left the key as it was"
+        path.write_bytes(original)
+    assert code_fingerprint(package) == key
+    # A module added anywhere that builds (a new subfolder included) is in the key without anyone listing it.
+    (package.parent / "export" / "newroom").mkdir()
+    (package.parent / "export" / "newroom" / "__init__.py").write_text("")
+    assert code_fingerprint(package) != key
+    shutil.rmtree(package.parent / "export" / "newroom")
+    # The gateway and the entrypoint neither write a repository nor run in Triton: no rebuild for them.
+    for rel in ("../client/gateway/app.py", "container/settings.py"):
+        (package / rel).write_text((package / rel).read_text() + "\n# changed\n")
+    (package / "__pycache__").mkdir(exist_ok=True)
+    (package / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"junk")
+    assert code_fingerprint(package) == key
 
 
 def test_settings_from_env_defaults_and_errors():
@@ -541,10 +583,53 @@ def test_dockerfile_is_pinned_non_root_and_runs_what_exists(capsys):
                 assert (ROOT / src).exists(), src
                 assert f"!{src}" in ignore, f"{src} is excluded from the build context"
     runs = " ".join(rest for word, rest in ins if word == "RUN")
-    assert "pip install --no-deps ." in runs and "nvidia-pytriton" in runs and "tensorrt" in runs
+    # The project from src/, never from the working directory (issue 19.1; tests/test_docker_replay.py runs it).
+    assert "pip install --no-deps ./src" in runs and "nvidia-pytriton" in runs and "tensorrt" in runs
     env_names = set(re.findall(r"\b(FLUX2_[A-Z_]+)=", " ".join(rest for word, rest in ins if word == "ENV")))
     assert env_names and _known_env(env_names)
     assert f"{uid}:" in runs and "/cache" in runs, "the non-root user owns the cache mount point"
+
+
+def _docker_runs(text: str) -> list[list[str]]:
+    """The `docker run` command lines in `text` (continuations joined; a shell comment's `#` prefix, as in a
+    script's header, dropped), as words."""
+    lines = [re.sub(r"^\s*#\s?", "", line) for line in text.splitlines()]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    return [shlex.split(line[line.index("docker run"):]) for line in joined.splitlines() if "docker run " in line]
+
+
+def _uid_owned_dirs() -> tuple[str, set[str]]:
+    """The image's USER uid, and the folders its RUN lines `chown` to that uid."""
+    ins = _dockerfile_instructions()
+    uid = next(rest for word, rest in ins if word == "USER").split(":")[0]
+    owned = set()
+    for word, rest in ins:
+        if word == "RUN":
+            for m in re.finditer(rf"chown (?:-R )?{uid}(?::\d+)? ([^&;|]+)", rest):
+                owned |= set(m.group(1).split())
+    return uid, owned
+
+
+def test_documented_docker_runs_use_ngc_entrypoint_and_mount_volumes_where_the_user_can_write():
+    """Issue 19.2: README's runs of the image (and bench/h100_tensorrt.sh's own header) go through NGC's
+    entrypoint when they replace ours, and mount named volumes only where the image's user owns the mount
+    point (a new volume takes that owner; anywhere else it is root's and the uid-10001 user cannot write)."""
+    (entry,) = [json.loads(rest) for word, rest in _dockerfile_instructions() if word == "ENTRYPOINT"]
+    uid, owned = _uid_owned_dirs()
+    assert "/cache" in owned
+    runs = _docker_runs((ROOT / "README.md").read_text()) + _docker_runs((ROOT / "bench" / "h100_tensorrt.sh").read_text())
+    assert any("h100_tensorrt.sh" in " ".join(r) for r in runs), "README shows how to run the TensorRT check"
+    for words in runs:
+        where = " ".join(words)
+        if "--entrypoint" in words:
+            assert words[words.index("--entrypoint") + 1] == entry[0], f"skips NGC's entrypoint: {where}"
+        if "--user" in words or "-u" in words:
+            continue  # another user: its own business
+        for i, w in enumerate(words):
+            if w in ("-v", "--volume"):
+                source, target = words[i + 1].split(":")[:2]
+                if not source.startswith(("/", ".", "$", "~")):  # a named volume
+                    assert target in owned, f"named volume {source} at {target}, not owned by uid {uid}: {where}"
 
 
 def test_compose_reserves_a_gpu_shm_volumes_port_and_healthcheck():
@@ -678,6 +763,114 @@ def test_tritonserver_dying_after_ready_is_restarted_within_a_budget(tmp_path):
     assert sup.run() == 0, "restarted, then stopped on request"
     t.join()
     assert starts.read_text().count("start") == 2 and len(sup.budget.times) == 1
+
+
+SHM_TRITON = """
+import http.server, mmap, os, sys, threading, time, uuid
+names, port = sys.argv[1], int(sys.argv[2])
+first = not os.path.exists(names)
+
+def region():  # what a Python-backend stub's region is: the real prefix, a UUID, mapped and written
+    name = "triton_python_backend_shm_region_" + str(uuid.uuid4())
+    with open(names, "a") as f:
+        f.write(name + "\\n")
+    fd = os.open("/dev/shm/" + name, os.O_CREAT | os.O_RDWR, 0o600)
+    os.ftruncate(fd, 1 << 20)
+    return mmap.mmap(fd, 1 << 20)
+
+mine = region()
+if os.fork() == 0:  # a "stub" in the server's process group, with a region of its own
+    stub = region()
+    while True:
+        stub[0:8] = os.urandom(8); time.sleep(0.05)
+class Ready(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers()
+    def log_message(self, *a):
+        pass
+server = http.server.HTTPServer(("127.0.0.1", port), Ready)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+deadline = time.monotonic() + (2 if first else 600)
+while time.monotonic() < deadline:  # written until it dies: a fresh mtime, as a region in use has
+    mine[0:8] = os.urandom(8); time.sleep(0.05)
+os._exit(9)  # dies as a killed tritonserver does: removing nothing
+"""
+
+
+def test_dev_shm_is_left_as_found_after_a_restart_and_a_stop(tmp_path):
+    """Issue 19.9: the regions of a tritonserver that died (and of its stubs) go at the restart, whatever their
+    age, and those of the last one when the supervisor stops, even when it had to be killed."""
+    from flux2_klein.watchdog import RestartBudget, SHM_DIR, shm_regions
+
+    before = shm_regions()
+    script, names, port = tmp_path / "shm_triton.py", tmp_path / "regions", free_port()
+    script.write_text(SHM_TRITON)
+    triton = Child("tritonserver", [sys.executable, str(script), str(names), str(port)],
+                   ready_url=f"http://127.0.0.1:{port}/", restartable=True)
+    sup = Supervisor([triton, Child("gateway", SLEEPER)], stop_timeout=2, poll_s=0.05,
+                     budget=RestartBudget(limit=3, window_s=60))
+
+    def stop_after_restart():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (names.exists() and len(names.read_text().split()) >= 4):
+            time.sleep(0.05)
+        first = names.read_text().split()[:2]  # the first server's and its stub's, written until it died
+        at_restart.extend(n for n in first if (SHM_DIR / n).exists())
+        time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)  # the stand-in ignores nothing but removes nothing either
+
+    at_restart: list[str] = []
+    t = threading.Thread(target=stop_after_restart, daemon=True)
+    t.start()
+    try:
+        assert sup.run() == 0
+    finally:
+        t.join()
+        ours = names.read_text().split() if names.exists() else []
+        left = [n for n in ours if (SHM_DIR / n).exists()]
+        for n in left:
+            (SHM_DIR / n).unlink()
+    assert len(ours) == 4 and len(sup.budget.times) == 1, "two servers, each with a stub, one restart"
+    assert not at_restart, f"the dead server's regions outlived its restart: {at_restart}"
+    assert not left, f"{len(left)} of our {len(ours)} /dev/shm regions stayed: {left}"
+    assert not (set(ours) & (shm_regions() - before))
+
+
+def test_serve_leaves_dev_shm_as_found_after_a_restart_and_sigterm(tmp_path):
+    """The same for `flux2-klein serve`, whose SIGTERM came while the restarted server was still starting
+    (its stubs not yet watched): it is stopped after a short wait, killed, and its regions still go."""
+    from flux2_klein.watchdog import SHM_DIR
+
+    script, names = tmp_path / "shm_triton.py", tmp_path / "regions"
+    # The stand-in takes tritonserver's command line: the names file and --http-port=N.
+    script.write_text("import sys\nport = next(a.split('=')[1] for a in sys.argv if a.startswith('--http-port='))\n"
+                      f"sys.argv = [sys.argv[0], {str(names)!r}, port]\n" + SHM_TRITON)
+    wrapper = tmp_path / "tritonserver"
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {script} \"$@\"\n")
+    wrapper.chmod(0o755)
+    repo = tmp_path / "repo"
+    (repo / "flux2_klein").mkdir(parents=True)
+    (repo / "flux2_klein" / "config.pbtxt").write_text('name: "flux2_klein"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "flux2_klein.cli", "serve", "--repository", str(repo),
+                             "--http-port", str(free_port()), "--grpc-port", str(free_port()),
+                             "--metrics-port", str(free_port())], env={**os.environ, "TRITONSERVER": str(wrapper)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (names.exists() and len(names.read_text().split()) >= 4):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # the second server has just made its regions; not yet ready
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        ours = names.read_text().split() if names.exists() else []
+        left = [n for n in ours if (SHM_DIR / n).exists()]
+        for n in left:
+            (SHM_DIR / n).unlink()
+    assert proc.returncode == 0, out[-3000:]
+    assert len(ours) == 4 and "restarting tritonserver" in out, out[-3000:]
+    assert not left, f"{len(left)} of our {len(ours)} /dev/shm regions stayed: {left}\n{out[-2000:]}"
 
 
 def test_loras_and_the_guardrail_are_settings_and_part_of_the_profile_key(light_ckpt, tmp_path):

@@ -50,7 +50,7 @@ def test_the_recipe_installs_a_module_that_imports_as_tensorrt(tmp_path):
             pytest.skip(f"PyPI not reachable from here: {r.stderr.strip()[-300:]}")
         assert r.returncode == 0, r.stderr[-2000:]
     assert (target / "tensorrt" / "__init__.py").is_file() and (target / "tensorrt_bindings").is_dir()
-    probe = ("from flux2_klein.export.trt_build import import_trt\n"
+    probe = ("from flux2_klein.export.tensorrt.library import import_trt\n"
              "try:\n    import_trt('tensorrt')\nexcept ImportError as e:\n    print(e)\n")
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
                        env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})

@@ -20,7 +20,7 @@ import pytest
 from conftest import ServeCommand
 from flux2_klein.client.triton_client import Flux2KleinClient, GenerationError
 from flux2_klein.server import answers_200
-from flux2_klein.watchdog import SHM_DIR, alive, stub_pids
+from flux2_klein.watchdog import SHM_DIR, STUB_COMM, alive, shm_regions, stub_pids
 
 SIZE = dict(width=1248, height=832)
 HEAL_S = 240  # a restart of the tiny repository on two shared, loaded cores; the figure printed is the real one
@@ -93,8 +93,45 @@ def _rss_mb(pids) -> float:
     return total / 1024
 
 
+class RegionLog:
+    """The /dev/shm regions of every stub that serves `repository` while it runs, each generation's: a stub's
+    argv[2] names its region (python_backend r25.10 src/stub_launcher.cc, StubLauncher::Launch), so other
+    servers on this machine (their own repositories) are not counted."""
+
+    def __init__(self, repository: Path):
+        self.root = str(Path(repository).resolve()) + os.sep
+        self.names: set[str] = set()
+        self.before = shm_regions()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            for entry in Path("/proc").iterdir():
+                try:
+                    if entry.name.isdigit() and (entry / "comm").read_text().strip() == STUB_COMM:
+                        argv = (entry / "cmdline").read_bytes().split(b"\0")
+                        if len(argv) > 2 and argv[1].decode(errors="replace").startswith(self.root):
+                            self.names.add(argv[2].decode())
+                except OSError:
+                    continue
+            self._stop.wait(0.2)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 @pytest.fixture(scope="module")
-def served(triton_repo, tmp_path_factory):
+def regions(triton_repo):
+    log = RegionLog(triton_repo)
+    yield log
+    log.stop()
+
+
+@pytest.fixture(scope="module")
+def served(triton_repo, regions, tmp_path_factory):
     server = ServeCommand.started(triton_repo, tmp_path_factory.mktemp("faults"))
     yield server
     server.stop()
@@ -211,3 +248,50 @@ def test_sigterm_mid_request_lets_it_finish(served):
     assert results == [True], "the request in flight when SIGTERM came was dropped"
     assert not any(alive(p) for p in [triton, *stubs])
     print(f"\nSIGTERM mid-request: the request finished; serve exited 0 after {time.monotonic() - start:.1f} s")
+
+
+def test_dev_shm_is_left_as_found_after_restarts_and_sigterm(served, regions):
+    """After the module's restarts (a stub killed idle and mid-request, tritonserver killed) and its SIGTERM:
+    no region of any generation stays in /dev/shm (issue 19.9: one did, until the next start)."""
+    if served.process.poll() is None:  # run alone (-k): stop it the way the SIGTERM test does
+        served.process.send_signal(signal.SIGTERM)
+        assert served.process.wait(120) == 0
+    time.sleep(0.5)  # the sampler's last round
+    regions.stop()
+    assert len(regions.names) >= 4, f"saw too few of our stubs' regions: {regions.names}"
+    left = sorted(n for n in regions.names if (SHM_DIR / n).exists())
+    assert not left, f"{len(left)} of our {len(regions.names)} /dev/shm regions stayed after the stop: {left}"
+    new = shm_regions() - regions.before
+    print(f"\n/dev/shm: {len(regions.names)} regions of ours over the module, none left; "
+          f"{len(new)} new ones of other servers on this machine")
+
+
+def test_sigterm_while_the_restarted_server_loads_leaves_dev_shm_as_found(triton_repo, tmp_path):
+    """SIGTERM right after a supervised restart, while the new tritonserver still loads (its stubs made their
+    regions, none is watched yet): `serve` waits briefly, kills it, and its regions still go (issue 19.9:
+    before, a server killed on the way out left every region it had made until the next start)."""
+    log = RegionLog(triton_repo)
+    server = ServeCommand.started(triton_repo, tmp_path)
+    try:
+        triton = _triton_pid(server)
+        first = set(log.names)
+        os.kill(sorted(stub_pids(triton))[-1], signal.SIGKILL)
+        deadline = time.monotonic() + HEAL_S
+        while time.monotonic() < deadline:  # the restarted server's first stub, and its region, are up
+            new = _children(server.process.pid, "tritonserver")
+            if new and new[0] != triton and log.names - first:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"no restart within {HEAL_S} s; log:\n{server.log_tail()}")
+        loading = not answers_200(server.ready_url, timeout_s=1.0)
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(120) == 0
+    finally:
+        server.stop()
+        time.sleep(0.5)
+        log.stop()
+    left = sorted(n for n in log.names if (SHM_DIR / n).exists())
+    assert not left, f"{len(left)} of our {len(log.names)} /dev/shm regions stayed after the stop: {left}"
+    print(f"\nSIGTERM while the restarted server {'loaded' if loading else 'was ready'}: {len(log.names)} regions "
+          "of ours, none left")

@@ -112,7 +112,7 @@ def test_the_bench_report_has_one_overhead_sample_warnings_and_reasons_under_eac
         assert verdict in md
         explanation = md.split(verdict, 1)[1].split("\n- ", 1)[0]
         assert "measured" in explanation or "Triton" in explanation, name
-    assert "measured 240.00 ms at concurrency 1 against 5 ms" in md
+    assert "measured 240.00 ms at concurrency 1 against 10 ms" in md
     assert "the largest part is transport and the ensemble's hand-offs (160.00 ms)" in md
     assert set(MODELS) <= set(levels[0]["models"])
 

@@ -150,14 +150,16 @@ def test_fp8_end_to_end_through_triton(fp8_dir, onnx_dir, tiny_ckpt, triton_serv
 
 def test_fp8_graph_under_tensorrt_rtx(fp8_dir, tiny_ckpt):
     trt = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX wheels not installed")
-    from flux2_klein.export.trt_build import BuildError, build_serialized, parse
+    from flux2_klein.export.tensorrt.build import EnginePlan, serialize
+    from flux2_klein.export.tensorrt.library import BuildError, parse
 
     path = fp8_dir / "transformer" / "model.onnx"
     _builder, network, _ = parse(trt, path)
     assert network.num_layers > 0
     spec = network_specs(load_checkpoint(tiny_ckpt))["transformer"]
+    plan = EnginePlan(spec=spec, onnx_path=path, engine_path=path.with_suffix(".plan"), precision="fp8")
     try:
-        engine = build_serialized(trt, path, spec)
+        engine, _cache = serialize(trt, plan, None)  # the one build path
     except BuildError as e:  # pragma: no cover - depends on what TensorRT-RTX supports on a CPU
         pytest.skip(f"TensorRT-RTX parses the FP8 graph but cannot build it on a CPU: {e}")
     assert engine.nbytes > 0

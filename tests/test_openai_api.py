@@ -86,7 +86,7 @@ BAD = [  # (call, kwargs) -> the param OpenAI's error names and what its message
     ("generate", dict(prompt="x", extra_body={"colour": "red"}), "colour", "unknown field"),
     ("edit", dict(prompt="x", image=[("a.png", b"x", "image/png")] * 5), "image", "at most 4 images, got 5"),
     ("edit", dict(prompt="x", image=("a.png", b"x", "image/png"), mask=("m.png", b"x", "image/png")), "mask",
-     "not supported"),
+     "not a decodable PNG"),
     ("edit", dict(prompt="x", image=("a.png", b"not an image", "image/png")), "image", "not a decodable"),
     ("edit", dict(prompt="x", image=("a.png", b"x", "image/png"), n=9), "n", "less than or equal to 4"),
 ]

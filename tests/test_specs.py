@@ -48,14 +48,15 @@ REF_TOKENS_MIN, REF_TOKENS_MAX = 16, 4096
 def test_reference_token_bounds_and_transformer_profiles_by_hand(specs):
     assert reference_token_bounds() == (REF_TOKENS_MIN, REF_TOKENS_MAX)
     # Text-to-image spans 1504x688 (94x43 = 4042 tokens) to 1328x800 (83x50 = 4150); an edit adds one
-    # reference of 16..4096 tokens, multi_ref two to four.
+    # reference of 16..4096 tokens, multi_ref two to four. Inpainting's picture rides as a condition at the
+    # output size (up to 4150 tokens) beside at most three references.
     tokens = {p.name: p.dims["tokens"] for p in specs["transformer"].profiles}
     assert tokens == {
         "t2i": (4042, 4096, 4150),
-        "edit": (4042 + 16, 2 * 4096, 4150 + 4096),
-        "multi_ref": (4042 + 2 * 16, 3 * 4096, 4150 + 4 * 4096),
+        "edit": (4042 + 16, 2 * 4096, 4150 + 4150),
+        "multi_ref": (4042 + 2 * 16, 3 * 4096, 4150 + 4150 + 3 * 4096),
     }
-    assert tokens["multi_ref"][2] == 20534  # the number README.md quotes
+    assert tokens["multi_ref"][2] == 20588  # the number README.md quotes
 
 
 def test_every_request_falls_inside_a_transformer_profile(specs):

@@ -1,4 +1,4 @@
-"""The production TensorRT builder (`engines.build_engine`, `export engines`, `build --runtime tensorrt`)
+"""The production TensorRT builder (`export/tensorrt/build.py: build_engine`, `export engines`, `build --runtime tensorrt`)
 run end to end on a CPU through TensorRT-RTX, for a named FP8-capable target, on the production formats
 of the tiny checkpoint: BF16 graphs and the FP8 DiT with BF16 scales. Also the FP8 graph's pattern, the
 opsets, and every generated config.pbtxt as Triton's own ModelConfig protobuf."""
@@ -17,14 +17,14 @@ import onnx
 import pytest
 
 from flux2_klein.checkpoint import load_checkpoint
-from flux2_klein.export.engines import (
+from flux2_klein.export.tensorrt.build import (
     TARGET_ENV, EnginePlan, Target, build_engine, check_engine, check_target, current_target, expected_metadata,
     parse_target, parser_max_opset,
 )
 from flux2_klein.export.graph_checks import fp8_pattern_problems, opset_of
-from flux2_klein.export.trt_build import FLAVOUR_ENV, BuildError, check_install, import_trt, parse
+from flux2_klein.export.tensorrt.library import FLAVOUR_ENV, BuildError, check_install, import_trt, parse
 from flux2_klein.specs import network_specs
-from flux2_klein.tensorrt_build import engine_plans
+from flux2_klein.export.tensorrt.plan import engine_plans
 
 try:
     trt = import_trt("tensorrt_rtx")
@@ -186,7 +186,7 @@ def test_fp8_weights_feed_matmuls_directly_with_scalar_scales(work, tmp_path):
 
 def test_the_images_install_check_builds_a_builder_and_parses():
     assert "Builder and OnnxParser work" in check_install(trt, str(trt.__version__))
-    r = subprocess.run([sys.executable, "-m", "flux2_klein.export.trt_build", "--check", "--flavour", "tensorrt_rtx",
+    r = subprocess.run([sys.executable, "-m", "flux2_klein.export.tensorrt", "--check", "--flavour", "tensorrt_rtx",
                         "--version", "0.0.1"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "expected 0.0.1" in r.stderr
 
@@ -201,3 +201,31 @@ def test_unparseable_graph_is_reported(tmp_path):
 def test_unknown_flavour_is_refused():
     with pytest.raises(ValueError, match="tensorrt flavour: 'tensorrt_llm'"):
         import_trt("tensorrt_llm")
+
+
+def test_a_failed_build_keeps_its_finished_engines_and_the_next_build_builds_only_the_rest(work, tiny_ckpt,
+                                                                                          tmp_path):
+    """As in the container: a build into a temporary repository fails at the last engine and its folder is
+    removed; the next build, over the same persistent work folder, builds only the engine still missing."""
+    w = tmp_path / "work"
+    shutil.copytree(work, w, ignore=shutil.ignore_patterns("engines"))
+    graph = w / "bf16" / "vae_encoder" / "model.onnx"  # the last network built
+    good = graph.read_bytes()
+    graph.write_bytes(b"not a graph")
+    cmd = [*CLI, "build", "--checkpoint", str(tiny_ckpt), "--runtime", "tensorrt", "--precision", "fp8",
+           "--work", str(w)]
+    r = subprocess.run([*cmd, "--out", str(tmp_path / "first")], env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "vae_encoder" in r.stderr, r.stderr[-3000:]
+    kept = sorted(p.parent.name for p in (w / "engines").glob("*/model.plan"))
+    assert kept == ["text_encoder", "transformer", "vae_decoder"], kept
+    mtimes = {p: p.stat().st_mtime_ns for p in (w / "engines").glob("*/model.plan")}
+    shutil.rmtree(tmp_path / "first")
+    graph.write_bytes(good)
+    r = subprocess.run([*cmd, "--out", str(tmp_path / "second")], env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("building engine for") == 1 and "vae_encoder: building engine" in r.stderr, r.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # kept engines reused, not rebuilt
+    for name in ("text_encoder", "transformer", "vae_decoder", "vae_encoder"):
+        served = tmp_path / "second" / name / "1" / "model.plan"
+        assert served.read_bytes() == (w / "engines" / name / "model.plan").read_bytes()
+        assert (served.with_suffix(".json")).is_file()

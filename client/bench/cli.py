@@ -9,7 +9,7 @@ from pathlib import Path
 from flux2_klein.contract import MODEL_NAME
 from flux2_klein.sizes import MAX_REFERENCES, SIZES, size_names
 
-from ..generate import parse_size
+from ..generate import DEFAULT_WAIT_S, parse_size
 from ..triton_client import DEFAULT_URLS
 from .workload import BenchConfig, BenchError
 
@@ -85,6 +85,12 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--load", choices=("auto", "perf_analyzer", "python"), default="auto",
                    help="load generator: perf_analyzer, tritonclient threads, or auto (perf_analyzer if one runs)")
     b.add_argument("--timeout", type=float, default=None, metavar="S", help="give up on a level after S seconds")
+    b.add_argument("--wait", type=float, default=DEFAULT_WAIT_S, metavar="S",
+                   help=f"wait up to S seconds for Triton and the model to be ready, e.g. just after `serve` "
+                        f"started (default {DEFAULT_WAIT_S:g}; 0: fail at once), as `generate` does")
+    b.add_argument("--gateway", default=None, metavar="URL",
+                   help="also send requests one at a time through the HTTP gateway at URL (serving this Triton) and "
+                        "report its own cost per request: end to end minus Triton's time (key: $FLUX2_KLEIN_API_KEY)")
     b.add_argument("--out", default="out/bench", metavar="DIR",
                    help="folder for the report (default out/bench, which git ignores)")
     b.add_argument("--quiet", action="store_true", help="no progress line")
@@ -99,7 +105,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         requests=args.requests, windows=args.windows, stability=args.stability, warmup=args.warmup,
         repository=Path(args.repository) if args.repository else None, direct=not args.no_direct,
         direct_threads=args.direct_threads, load=args.load, out=Path(args.out), timeout_s=args.timeout,
-        progress=not args.quiet,
+        progress=not args.quiet, gateway=args.gateway, wait_s=args.wait,
     )
 
 

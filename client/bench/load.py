@@ -178,7 +178,7 @@ def run_direct(cfg: BenchConfig, entries: list[Entry], warm: list[Entry], progre
     n = len(latencies)
     cumulative = np.cumsum(latencies)
     return {
-        "requests": n, "load_s": load_s, "threads": pipe.threads,
+        "requests": n, "load_s": load_s, "threads": pipe.threads, "session_config": pipe.session_config,
         "latency_ms": _percentiles(latencies),
         "stage_ms": {s: v / n * 1000.0 for s, v in stages.items()},
         # N requests one after another: N / (time they took together), for every N measured.

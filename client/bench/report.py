@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .gateway import markdown_lines as gateway_lines
 from .stats import OVERHEAD_DEFINITION, OVERHEAD_GOAL_MS, goal_explanations, sample_size_warning
 
 
@@ -30,6 +31,9 @@ def markdown(report: dict[str, Any]) -> str:
                                "figure for a fixed request count includes up to 1 s of polling, see report.json's "
                                "throughput_reported)"),
         "- instances: " + ", ".join(f"{k} {v}" for k, v in s.get("instances", {}).items() if v is not None),
+        "- Triton's ONNX Runtime leaves: sessions from `flux2_klein.ort_session.make_session`, intra-op threads per "
+        "instance " + (", ".join(f"{k} {v}" for k, v in s.get("leaf_threads", {}).items()) or "not reported")
+        + "; the direct run makes its sessions with the same function (see its line below)",
         f"- {OVERHEAD_DEFINITION}. It is the only figure this report calls overhead.", "",
         "## Latency and throughput", "",
         "| concurrency | requests | images/s | p50 ms | p90 ms | p99 ms | avg ms | leaf compute ms "
@@ -72,7 +76,9 @@ def markdown(report: dict[str, Any]) -> str:
     else:
         c1 = cmp.get("latency_c1")
         lines.append(f"- in-process comparison (\"direct\"): the same graphs in one process (`DirectPipeline`, ONNX "
-                     f"Runtime threads per graph: {direct['threads']}), {direct['requests']} requests one after "
+                     f"Runtime threads per graph: {direct['threads']}; "
+                     f"{direct.get('session_config', 'session options not recorded')}), "
+                     f"{direct['requests']} requests one after "
                      "another; it runs the sampler's loop math too, so Triton - direct is what serving adds beyond "
                      "that math (not the overhead above, which includes it)")
         if c1:
@@ -88,6 +94,8 @@ def markdown(report: dict[str, Any]) -> str:
                   "|---:|---:|---:|---:|"]
         for r in cmp.get("throughput", []):
             lines.append(f"| {r['concurrency']} | {_f(r['triton'], 3)} | {_f(r['direct'], 3)} | {_f(r['ratio'], 3)} |")
+    if report.get("gateway"):
+        lines += [""] + gateway_lines(report["gateway"])
     goals = cmp.get("goals", {})
     if goals:
         why = cmp.get("goal_explanations") or goal_explanations(levels, cmp)

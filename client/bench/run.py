@@ -13,6 +13,7 @@ from typing import Any
 
 from flux2_klein.contract import MODEL_NAME as MODEL
 
+from .gateway import gateway_cost
 from .load import perf_analyzer_level, python_level, run_direct
 from .progress import Progress, watch
 from .report import write_report
@@ -27,14 +28,19 @@ def _server_info(client) -> dict[str, Any]:
         info["server"] = f"{meta.get('name', 'triton')} {meta.get('version', '')}".strip()
     except Exception:  # noqa: BLE001
         pass
-    instances = {}
+    instances, leaf_threads = {}, {}
     for name in MODELS:
         try:
             config = client.get_model_config(name, as_json=True)["config"]
             instances[name] = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or None
+            threads = config.get("parameters", {}).get("intra_op_threads", {}).get("string_value")
+            if threads is not None:
+                leaf_threads[name] = int(threads)
         except Exception:  # noqa: BLE001
             instances[name] = None
     info["instances"] = instances
+    # The leaves' ONNX Runtime threads per instance, as their configs give them (the direct run's default).
+    info["leaf_threads"] = leaf_threads
     return info
 
 
@@ -59,6 +65,23 @@ def _pick_load(cfg: BenchConfig):
             raise BenchError(str(e)) from None
         return None, str(e)
 
+
+
+def wait_for_server(cfg: BenchConfig) -> None:
+    """Wait up to cfg.wait_s for Triton and the model to be ready, as `generate --wait` does (the client's
+    `wait_until_ready`, with generate's message on stderr every few seconds); BenchError when it is not."""
+    import sys
+
+    from ..triton_client import Flux2KleinClient, GenerationError
+
+    if cfg.wait_s <= 0:
+        return
+    try:
+        with Flux2KleinClient(cfg.url, protocol="grpc", model=MODEL) as client:
+            client.wait_until_ready(cfg.wait_s, on_wait=lambda waited, why: print(
+                f"waiting for Triton ({waited:.0f} s of {cfg.wait_s:g} s): {why}", file=sys.stderr, flush=True))
+    except GenerationError as e:
+        raise BenchError(f"cannot reach Triton at {cfg.url} (gRPC): {e.message}") from None
 
 
 def _setup(cfg: BenchConfig, client, pa, why_not: str) -> dict[str, Any]:
@@ -162,6 +185,7 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
 
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     pa, why_not = _pick_load(cfg)
+    wait_for_server(cfg)
     client = grpcclient.InferenceServerClient(cfg.url)
     try:
         setup = _setup(cfg, client, pa, why_not)
@@ -169,11 +193,15 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
         run.warm_up(setup["instances"])
         levels = [run.level(c, f"concurrency {c} ({i + 1}/{len(cfg.concurrency)})")
                   for i, c in enumerate(cfg.concurrency)]
+        gateway = gateway_cost(cfg, client, run.entries(max(cfg.requests, 1) + 1, "gateway"),
+                               run.progress) if cfg.gateway else None
     finally:
         client.close()
     direct = run.direct()
     setup["host"]["load_average_end"] = _loadavg()
     report = {"setup": setup, "levels": levels, "direct": direct,
               "comparison": compare(levels, direct if "latency_ms" in direct else None)}
+    if gateway is not None:
+        report["gateway"] = gateway
     write_report(report, Path(cfg.out))
     return report

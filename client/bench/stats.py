@@ -12,7 +12,9 @@ MODELS = (MODEL, "preprocess", "text_encoder", "sampler", "transformer", "vae_de
 # The models whose compute is the request's work; the sampler's own time (loop math and the BLS round
 # trips around its transformer/vae_encoder calls) is reported apart.
 LEAVES = ("preprocess", "text_encoder", "transformer", "vae_encoder", "vae_decoder")
-OVERHEAD_GOAL_MS = 5.0
+# The serving-overhead goal per request at concurrency 1 (issue 20), for every bench: its one home
+# (bench/gpu_report.py reads it too).
+OVERHEAD_GOAL_MS = 10.0
 # The one definition of serving overhead, in every report (the GPU bench's too).
 OVERHEAD_DEFINITION = (
     "serving overhead = the client's mean end-to-end latency minus the compute time (input + infer + output) "
@@ -126,19 +128,19 @@ def goal_explanations(levels: list[dict[str, Any]], cmp: dict[str, Any]) -> dict
     out: dict[str, str] = {}
     goals = cmp.get("goals", {})
     one = next((lv for lv in levels if lv["concurrency"] == 1), None)
-    if "overhead_under_5ms_vs_leaf_compute" in goals and one is not None:
+    if "overhead_under_goal_vs_leaf_compute" in goals and one is not None:
         o = one["overhead"]
         parts = {"the sampler's own loop and BLS calls": o["sampler_own_ms"], "queues": o["queue_ms"],
                  "transport and the ensemble's hand-offs": o["other_ms"]}
         biggest = max(parts, key=parts.get)
-        out["overhead_under_5ms_vs_leaf_compute"] = (
+        out["overhead_under_goal_vs_leaf_compute"] = (
             f"measured {o['overhead_ms']:,.2f} ms at concurrency 1 against {OVERHEAD_GOAL_MS:g} ms; the largest part "
             f"is {biggest} ({parts[biggest]:,.2f} ms)" + (
                 ". The sampler's loop math runs in any server, in-process too: on a CPU this figure mostly "
                 "measures that math, not Triton" if biggest.startswith("the sampler") else ""))
-    if "overhead_under_5ms_vs_direct" in goals and "latency_c1" in cmp:
+    if "overhead_under_goal_vs_direct" in goals and "latency_c1" in cmp:
         c1 = cmp["latency_c1"]
-        out["overhead_under_5ms_vs_direct"] = (
+        out["overhead_under_goal_vs_direct"] = (
             f"Triton {c1['triton_ms']:,.1f} ms - in-process {c1['direct_ms']:,.1f} ms = {c1['overhead_ms']:,.2f} ms "
             f"at concurrency 1 against {OVERHEAD_GOAL_MS:g} ms: what serving adds over running the same graphs in "
             "one process (gRPC, the ensemble, BLS, Python models); timings on a shared CPU host vary by more than "
@@ -173,9 +175,9 @@ def compare(levels: list[dict[str, Any]], direct: dict[str, Any] | None) -> dict
     out["throughput"] = rows
     goals = {}
     if "latency_c1" in out:
-        goals["overhead_under_5ms_vs_direct"] = out["latency_c1"]["overhead_ms"] < OVERHEAD_GOAL_MS
+        goals["overhead_under_goal_vs_direct"] = out["latency_c1"]["overhead_ms"] < OVERHEAD_GOAL_MS
     if one is not None:
-        goals["overhead_under_5ms_vs_leaf_compute"] = one["overhead"]["overhead_ms"] < OVERHEAD_GOAL_MS
+        goals["overhead_under_goal_vs_leaf_compute"] = one["overhead"]["overhead_ms"] < OVERHEAD_GOAL_MS
     above = [r for r in rows if r["concurrency"] >= 2]
     if above:
         goals["faster_than_direct_at_c_ge_2"] = all(r["ratio"] > 1 for r in above)

@@ -51,7 +51,9 @@ class BenchConfig:
     load: str = "auto"  # auto | perf_analyzer | python
     out: Path = Path("out/bench")
     timeout_s: float | None = None  # per level
+    wait_s: float = 0.0  # first wait up to this long for Triton and the model to be ready (`--wait`)
     progress: bool = True
+    gateway: str | None = None  # the HTTP gateway's URL: also measure its own cost per request (bench/gateway.py)
 
 
 def reference_image(index: int, width: int = 1024, height: int = 1024) -> bytes:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import functools
 import logging
@@ -25,7 +24,8 @@ from flux2_klein.sizes import DEFAULT_SIZE, MAX_REFERENCES
 
 from ..triton_client import INVALID_ARGUMENT, build_inputs, to_generation_error
 from .body import (
-    ApiError, Generation, InferRequest, api_message, check_size, encode_image, parse_body, validation_detail,
+    ApiError, Base64, Generation, ImagesResponse, InferRequest, api_message, check_size, encode_image_async,
+    parse_body, validation_detail,
 )
 from .guard import LimitsMiddleware
 from .metrics import Metrics
@@ -207,6 +207,7 @@ class Gateway:
             gen.prompt, width=gen.width, height=gen.height, seed=seed, steps=gen.steps, guidance=gen.guidance,
             references=gen.references, protocol="grpc",
             disable_safety_checker=True if gen.disable_safety_checker else None,
+            image=gen.image, mask=gen.mask, strength=gen.strength,
         )
         triton_id = request_id if gen.samples == 1 else f"{request_id}.{index}"
         try:
@@ -223,14 +224,14 @@ class Gateway:
             log.info("request %s: content filtered (%s)", triton_id, stage)
             width, height = (gen.width or DEFAULT_SIZE[0], gen.height or DEFAULT_SIZE[1])
             black = np.zeros((height, width, 3), dtype=np.uint8)
-            encoded = await asyncio.to_thread(encode_image, black, gen.output_format, gen.output_quality)
+            encoded = await encode_image_async(black, gen.output_format, gen.output_quality)
             return Image(seed=seed, data=encoded, width=width, height=height, finish_reason="CONTENT_FILTERED")
         image = result.as_numpy(OUTPUT.name)
         if image is None or image.dtype.name != "uint8" or image.ndim != 3 or image.shape[2] != 3:
             got = "nothing" if image is None else f"{image.dtype} {list(image.shape)}"
             log.error("request %s: %s answered %s for 'image'", triton_id, s.model, got)
             raise ApiError(502, f"the inference server answered an unusable image (request {request_id})")
-        encoded = await asyncio.to_thread(encode_image, image, gen.output_format, gen.output_quality)
+        encoded = await encode_image_async(image, gen.output_format, gen.output_quality)
         return Image(seed=seed, data=encoded, width=image.shape[1], height=image.shape[0])
 
 
@@ -292,9 +293,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         request_id = request.scope["state"]["request_id"]
         body = parse_body(await request.body())
         images = await gateway.generate(body.generation(), request_id, request.scope["state"].get("caller", "?"))
-        return JSONResponse({"artifacts": [
-            {"base64": base64.b64encode(image.data).decode("ascii"), "finishReason": image.finish_reason,
-             "seed": image.seed} for image in images]})
+        return ImagesResponse({"artifacts": [
+            {"base64": Base64(image.data), "finishReason": image.finish_reason, "seed": image.seed}
+            for image in images]})
 
     @app.get("/v1/health/live", summary="Whether the gateway's process is up")
     async def live():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import re
 import secrets
@@ -13,18 +12,21 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.responses import Response
 
 from flux2_klein import contract as api
 from flux2_klein.request import MAX_PROMPT_CHARS
 from flux2_klein.sizes import DEFAULT_SIZE, MAX_REFERENCES, SIZES, size_names
 
-from ..images import FORMATS
+from .. import codecs
 
 RANDOM_SEED_BOUND = 2**32  # random seeds are 1..2**32-1, as NIM's image APIs use (never 0: NIM's "random")
 INT64_MAX = 2**63 - 1
 MAX_SAMPLES = 4  # images per request (NIM `samples`, OpenAI `n`); image i uses seed + i
 OUTPUT_FORMATS = {"png": ".png", "jpeg": ".jpeg", "webp": ".webp"}
-NIM_MODES = ("base",)  # NIM's `mode`: klein has one variant
+# NIM's `mode`: klein has one variant, "base"; "inpaint" is this gateway's extension (image[0] is the picture
+# to change, `mask_image` and `strength` go with it; the Triton model's init_image / mask_image / strength).
+NIM_MODES = ("base", "inpaint")
 
 
 def random_seed() -> int:
@@ -50,6 +52,11 @@ class Generation:
     # NIM's flag, carried for the guardrail (which decides what it may switch off); the gateway itself has no
     # safety checker to disable.
     disable_safety_checker: bool = False
+    # Inpainting / image-to-image: the picture to change (Triton's init_image), its mask (white repaints,
+    # the picture's size; None: all repainted) and strength (None: the model's default).
+    image: bytes | None = None
+    mask: bytes | None = None
+    strength: float | None = None
 
     @property
     def seeds(self) -> list[int]:
@@ -63,7 +70,9 @@ class InferRequest(BaseModel):
 
     prompt: str = Field(max_length=MAX_PROMPT_CHARS,
                         description=f"the text prompt (UTF-8; may be empty; at most {MAX_PROMPT_CHARS} characters)")
-    mode: Literal[NIM_MODES] = Field("base", description="NIM's model variant; klein has only 'base'")
+    mode: Literal[NIM_MODES] = Field("base", description="NIM's model variant, 'base'; or this gateway's "
+                                     "'inpaint': image[0] is the picture to change (the rest references), with "
+                                     "mask_image and strength")
     width: int | None = Field(None, description=f"output width; with height one of: {size_names()}",
                               examples=[1024])
     height: int | None = Field(None, description=f"output height (default {DEFAULT_SIZE[1]})", examples=[1024])
@@ -83,6 +92,11 @@ class InferRequest(BaseModel):
     )
     output_format: Literal["png", "jpeg", "webp"] = Field(
         "png", description="encoding of the answered image: png (lossless, default), jpeg or webp")
+    mask_image: str | None = Field(None, description="mode 'inpaint': the mask, base64 or a data URL, image[0]'s "
+                                                     "size: white repaints, black keeps (absent: image-to-image)")
+    strength: float | None = Field(None, ge=0, le=1, allow_inf_nan=False,
+                                   description=f"mode 'inpaint': how much of image[0] to change, 0..1 (default "
+                                               f"{api.DEFAULT_STRENGTH}); too small for any step is refused")
     samples: int = Field(1, ge=1, le=MAX_SAMPLES,
                          description=f"images per request, 1..{MAX_SAMPLES}: image i uses seed + i and equals the "
                                      "request of one image with that seed")
@@ -91,11 +105,23 @@ class InferRequest(BaseModel):
 
     def generation(self) -> Generation:
         check_seeds(self.seed, self.samples, "samples")
+        images = [decode_image(text, i) for i, text in enumerate(self.image or [])]
+        picture = mask = None
+        if self.mode == "inpaint":
+            if not images:
+                raise ApiError(422, "image: mode 'inpaint' needs the picture to change as image[0]")
+            picture, images = images[0], images[1:]
+            if self.mask_image is not None:
+                mask = decode_image(self.mask_image, 0, field="mask_image")
+        else:
+            for name in ("mask_image", "strength"):
+                if getattr(self, name) is not None:
+                    raise ApiError(422, f"{name}: only with mode 'inpaint' (image[0] is then the picture to change)")
         return Generation(
             prompt=self.prompt, seed=self.seed or random_seed(), samples=self.samples, width=self.width,
-            height=self.height, steps=self.steps, guidance=self.cfg_scale, references=[
-                decode_image(text, i) for i, text in enumerate(self.image or [])],
+            height=self.height, steps=self.steps, guidance=self.cfg_scale, references=images,
             output_format=self.output_format, disable_safety_checker=self.disable_safety_checker,
+            image=picture, mask=mask, strength=self.strength,
         )
 
     @field_validator("image", mode="before")
@@ -217,10 +243,11 @@ _DATA_URL = re.compile(r"data:(?P<mime>[^,;]*)(?P<params>(?:;[^,;]*)*),(?P<data>
 _BASE64_CHARS = re.compile(r"[A-Za-z0-9+/=_-]*")
 
 
-def decode_image(text: str, index: int) -> bytes:
-    """One entry of "image": plain base64 (standard or URL-safe, padding optional, whitespace ignored) or a
-    base64 data URL of an image type -> the file's bytes. Whether they are a decodable image is Triton's call."""
-    field = f"image[{index}]"
+def decode_image(text: str, index: int, field: str | None = None) -> bytes:
+    """One entry of "image" (or `field`): plain base64 (standard or URL-safe, padding optional, whitespace
+    ignored) or a base64 data URL of an image type -> the file's bytes. Whether they are a decodable image is
+    Triton's call."""
+    field = field or f"image[{index}]"
     data = text.strip()
     if data[:5].lower() == "data:":
         m = _DATA_URL.fullmatch(data)
@@ -268,6 +295,7 @@ def check_size(width: int | None, height: int | None) -> None:
 # Triton's input names, as they start its INVALID_ARGUMENT messages, -> this API's field names.
 _FIELD_NAMES = [
     (re.compile(r"\breference_images\b"), "image"),
+    (re.compile(r"\binit_image\b"), "image[0]"),
     (re.compile(r"\bnum_inference_steps\b"), "steps"),
     (re.compile(r"\bguidance_scale\b"), "cfg_scale"),
     (re.compile(r"\bheight/width\b"), "width/height"),
@@ -289,13 +317,61 @@ def api_message(triton_message: str) -> str:
 
 
 def encode_image(array, fmt: str, quality: int | None = None) -> bytes:
-    """PNG, or JPEG/WebP at `quality` (default: the client's, 95); PNG ignores quality."""
-    from PIL import Image
+    """PNG (lossless), or JPEG/WebP at `quality` (default: the client's, 95); PNG ignores quality. The encoders
+    are the client's (client/codecs.py)."""
+    return codecs.encode(array, fmt, quality)
 
-    pil_format, options = FORMATS[OUTPUT_FORMATS[fmt]]
-    if quality is not None and "quality" in options:
-        options = {**options, "quality": quality}
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format=pil_format, **options)
-    return buf.getvalue()
+
+async def encode_image_async(array, fmt: str, quality: int | None = None) -> bytes:
+    """`encode_image` off the event loop, on the codecs' pool of one thread per core: the samples of a request
+    encode side by side, and a burst of encodes cannot take the default executor's threads."""
+    return await codecs.encode_async(array, fmt, quality)
+
+
+class Base64:
+    """A file to answer as a base64 JSON string, written by `images_json` straight into the body's bytes."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+
+def images_json(value) -> bytes:
+    """`value` (dicts, lists, JSON scalars and Base64 files) as compact JSON bytes. Each image goes in as
+    base64.b64encode's bytes, copied once, into the one join at the end: json.dumps would scan and copy each
+    3-4 MB string of a 1 MP PNG again (Starlette's JSONResponse, ensure_ascii=False: about 35 ms per image on a
+    small CPU, more than encoding it; this: the base64 itself, about 5 ms)."""
+    parts: list[bytes] = []
+    _json_parts(value, parts)
+    return b"".join(parts)
+
+
+def _json_parts(value, parts: list[bytes]) -> None:
+    if isinstance(value, Base64):
+        parts += (b'"', base64.b64encode(value.data), b'"')
+    elif isinstance(value, dict):
+        parts.append(b"{")
+        for i, (k, v) in enumerate(value.items()):
+            parts.append((b"," if i else b"") + json.dumps(str(k)).encode() + b":")
+            _json_parts(v, parts)
+        parts.append(b"}")
+    elif isinstance(value, (list, tuple)):
+        parts.append(b"[")
+        for i, v in enumerate(value):
+            if i:
+                parts.append(b",")
+            _json_parts(v, parts)
+        parts.append(b"]")
+    else:
+        parts.append(json.dumps(value, allow_nan=False).encode())
+
+
+class ImagesResponse(Response):
+    """A 200 JSON answer with images (see images_json)."""
+
+    media_type = "application/json"
+
+    def render(self, content) -> bytes:
+        return images_json(content)
 

@@ -2,19 +2,24 @@
 `POST /v1/images/edits` (multipart), answered and failed in OpenAI's shapes, so that the official `openai`
 clients work given only a base URL and a key.
 
-What OpenAI documents and klein cannot do is refused by name (response_format "url", a mask, transparent
+What OpenAI documents and klein cannot do is refused by name (response_format "url", transparent
 backgrounds, sizes other than the 17); what only tunes OpenAI's own models (quality, style, moderation,
-user) is accepted and has no effect. `seed`, `steps`, `cfg_scale` and `disable_safety_checker` are this
-gateway's extensions (pass them with the client's `extra_body`)."""
+user) is accepted and has no effect. An edit with a `mask` is inpainting: the first image is the picture to
+change (the Triton model's init_image), the others references, and the mask's fully transparent pixels
+(OpenAI's convention) become the white, repainted part of the model's mask_image. `seed`, `steps`,
+`cfg_scale`, `strength` and `disable_safety_checker` are this gateway's extensions (pass them with the
+client's `extra_body`)."""
 
 from __future__ import annotations
 
 import base64
+import io
 import json
 import re
 import time
 from typing import Literal
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -23,8 +28,8 @@ from flux2_klein import contract as api
 from flux2_klein.sizes import MAX_REFERENCES, SIZES, parse_size, size_names
 
 from .body import (
-    INT64_MAX, MAX_SAMPLES, ApiError, Generation, check_prompt, check_seeds, parse_json_object, random_seed,
-    validation_detail,
+    INT64_MAX, MAX_SAMPLES, ApiError, Base64, Generation, ImagesResponse, check_prompt, check_seeds, parse_json_object,
+    random_seed, validation_detail,
 )
 
 IMAGES_PREFIX = "/v1/images/"
@@ -62,13 +67,16 @@ class ImagesRequest(BaseModel):
     steps: int | None = Field(None, ge=api.MIN_STEPS, le=api.MAX_STEPS, description="denoising steps")
     cfg_scale: float | None = Field(None, ge=0, allow_inf_nan=False, description="guidance scale (base checkpoints)")
     disable_safety_checker: bool = Field(False, description="as NIM's flag of that name")
+    strength: float | None = Field(None, ge=0, le=1, allow_inf_nan=False,
+                                   description=f"an edit with a mask: how much to change, 0..1 (default "
+                                               f"{api.DEFAULT_STRENGTH})")
 
     @field_validator("output_format", mode="before")
     @classmethod
     def _format_alias(cls, value):
         return "jpeg" if isinstance(value, str) and value.strip().lower() == "jpg" else value
 
-    def generation(self, references: list[bytes]) -> Generation:
+    def generation(self, references: list[bytes], mask: bytes | None = None) -> Generation:
         width = height = None
         if self.size not in (None, "auto"):
             try:
@@ -80,12 +88,43 @@ class ImagesRequest(BaseModel):
         n = self.n or 1
         check_prompt(self.prompt)
         check_seeds(self.seed, n, "n")
+        image = None
+        if mask is not None:  # inpainting: the first image is the picture, the mask in the model's convention
+            image, references = references[0], references[1:]
+            mask = openai_mask(mask, image)
+        elif self.strength is not None:
+            raise ApiError(422, "strength: only for an edit with a mask")
         return Generation(
             prompt=self.prompt, seed=random_seed() if self.seed is None else self.seed, samples=n, width=width,
             height=height, steps=self.steps, guidance=self.cfg_scale, references=references,
             output_format=self.output_format or "png", output_quality=self.output_compression,
-            disable_safety_checker=self.disable_safety_checker,
+            disable_safety_checker=self.disable_safety_checker, image=image, mask=mask, strength=self.strength,
         )
+
+
+def openai_mask(data: bytes, image: bytes) -> bytes:
+    """OpenAI's mask (a PNG whose fully transparent pixels, alpha 0, mark where to edit; the first image's
+    size) -> the Triton model's mask_image: a grayscale PNG, white (255) where alpha is 0, black elsewhere."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        mask = Image.open(io.BytesIO(data), formats=("PNG",))
+        mask.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        raise ApiError(422, "mask: not a decodable PNG (OpenAI's mask: transparent pixels mark where to edit)") from None
+    try:
+        size = Image.open(io.BytesIO(image)).size  # the header only; Triton decodes the image itself
+    except Exception:  # noqa: BLE001 - Triton names an undecodable image
+        size = None
+    if size is not None and mask.size != size:
+        raise ApiError(422, f"mask: {mask.width}x{mask.height} is not the first image's size {size[0]}x{size[1]}")
+    if "A" not in mask.getbands() and "transparency" not in mask.info:
+        raise ApiError(422, f"mask: a {mask.mode} PNG without alpha; OpenAI's mask marks where to edit with fully "
+                            "transparent pixels")
+    alpha = np.asarray(mask.convert("RGBA"))[..., 3]
+    out = io.BytesIO()
+    Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8), mode="L").save(out, format="PNG")
+    return out.getvalue()
 
 
 def _validated(data: dict, strict: bool) -> ImagesRequest:
@@ -95,19 +134,21 @@ def _validated(data: dict, strict: bool) -> ImagesRequest:
         raise ApiError(422, validation_detail(e.errors(include_url=False), list(ImagesRequest.model_fields))) from None
 
 
-async def _edit_request(request: Request) -> tuple[ImagesRequest, list[bytes]]:
+async def _edit_request(request: Request) -> tuple[ImagesRequest, list[bytes], bytes | None]:
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
         raise ApiError(400, f"send multipart/form-data with one or more 'image' files; got {content_type or 'none'}")
     form = await request.form(max_files=MAX_FORM_FILES)
-    fields, images = {}, []
+    fields, images, mask = {}, [], None
     for key, value in form.multi_items():
         if key in ("image", "image[]"):  # the openai client names a list of files image[]
             if isinstance(value, str):
                 raise ApiError(422, f"image[{len(images)}]: expected a file (PNG, JPEG or WebP), got a text field")
             images.append(await value.read())
         elif key == "mask":
-            raise ApiError(422, "mask: not supported; klein edits the whole image from the prompt")
+            if isinstance(value, str) or mask is not None:
+                raise ApiError(422, "mask: expected one PNG file")
+            mask = await value.read()
         elif not isinstance(value, str):
             raise ApiError(422, f"{key}: expected a text field, got a file")
         elif key in fields:
@@ -123,13 +164,13 @@ async def _edit_request(request: Request) -> tuple[ImagesRequest, list[bytes]]:
             raise ApiError(422, f"image[{i}]: empty; expected a PNG, JPEG or WebP file")
     # Form values are text: pydantic's lax mode reads "2" as an integer and "true" as a boolean here (the JSON
     # endpoint stays strict).
-    return _validated(fields, strict=False), images
+    return _validated(fields, strict=False), images, mask
 
 
 def _answer(images, output_format: str) -> dict:
     first = images[0]
     return {"created": int(time.time()), "data": [
-        {"b64_json": base64.b64encode(image.data).decode("ascii"), "revised_prompt": None, "seed": image.seed}
+        {"b64_json": Base64(image.data), "revised_prompt": None, "seed": image.seed}
         for image in images], "output_format": output_format, "size": f"{first.width}x{first.height}"}
 
 
@@ -149,17 +190,17 @@ def add_openai_routes(app: FastAPI, gateway) -> None:
         generation = body.generation([])
         images = await gateway.generate(generation, request.scope["state"]["request_id"],
                                         request.scope["state"].get("caller", "?"))
-        return JSONResponse(_answer(_refuse_filtered(images), generation.output_format))
+        return ImagesResponse(_answer(_refuse_filtered(images), generation.output_format))
 
     @app.post("/v1/images/edits", summary="Edit images (OpenAI's Images API)", responses=answer,
               openapi_extra={"requestBody": {"required": True,
                                              "content": {"multipart/form-data": {"schema": edit_schema}}}})
     async def edits(request: Request):
-        body, references = await _edit_request(request)
-        generation = body.generation(references)
+        body, references, mask = await _edit_request(request)
+        generation = body.generation(references, mask)
         images = await gateway.generate(generation, request.scope["state"]["request_id"],
                                         request.scope["state"].get("caller", "?"))
-        return JSONResponse(_answer(_refuse_filtered(images), generation.output_format))
+        return ImagesResponse(_answer(_refuse_filtered(images), generation.output_format))
 
 
 CONTENT_POLICY = "content filtered: the request or its image was refused by the content policy"
@@ -176,7 +217,8 @@ def openai_error(status: int, detail: str) -> tuple[int, dict]:
     """A {"detail"} answer -> OpenAI's status and body. OpenAI answers a bad request 400, where NIM's 422."""
     status = 400 if status == 422 else status
     named = _FIELD.match(detail) if status == 400 else None
-    param = None if named is None else "size" if named.group(1) == "width/height" else named.group(1)
+    param = None if named is None else {"width/height": "size", "mask_image": "mask"}.get(named.group(1),
+                                                                                          named.group(1))
     kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     code = "invalid_api_key" if status == 401 else "content_policy_violation" if detail == CONTENT_POLICY else None
     return status, {"error": {"message": detail, "type": kind, "param": param, "code": code}}

@@ -63,29 +63,56 @@ def checkpoint_fingerprint(root: str | Path) -> str:
     return h.hexdigest()
 
 
-# Sources whose change changes what a build writes: configs, glue, graphs, engines (an image with other
-# code must not serve a repository an older one wrote). Anything else (the gateway, the CLI, the container package)
-# can change without invalidating a cache.
-CODE_FILES = ("repository.py", "specs.py", "triton_config.py", "sizes.py", "triton_tensors.py", "contract.py",
-              "tensorrt_build.py")
-CODE_PACKAGES = ("flux2_klein.export", "flux2_klein.model_repository")
+# The code fingerprint hashes whole folders, never a list of files that can go stale (issue 19.8: a list
+# left out guardrail/repository.py, which writes into the repository): every file of the installed package
+# and its subpackages (.py, the shipped configs/*.json, the guardrail's blocklist, the calibration prompts),
+# wherever it lies, except these subpackages, which neither write into a repository nor run inside Triton:
+# the HTTP gateway, benchmark and client (`client/`) and this entrypoint (`container/`). Anything else that
+# changes (a new module included) rebuilds on the next start: an image with other code must not serve a
+# repository an older one wrote, and a needless rebuild costs time, never correctness.
+PACKAGE = "flux2_klein"
+CODE_EXCLUDED = ("client", "container")
 
 
-def code_fingerprint() -> str:
+def _package_files(folder: Path, prefix: str) -> Iterator[tuple[str, Path]]:
+    """(`prefix/relative path`, path) of every file below `folder`, minus byte code, caches and dot-files."""
+    for path in sorted(folder.rglob("*")):
+        parts = path.relative_to(folder).parts
+        if path.is_file() and path.suffix not in (".pyc", ".pyo") \
+                and not any(p == "__pycache__" or p.startswith(".") for p in parts):
+            yield f"{prefix}/{'/'.join(parts)}", path
+
+
+def code_files(package_dir: Path | None = None) -> list[tuple[str, Path]]:
+    """What code_fingerprint hashes, as (name inside the package, path): the same names for a wheel, an
+    editable install and a raw checkout, so each gives the same key for the same code. `package_dir`:
+    another copy of the package folder, its subpackages beside it as in a checkout (tests)."""
+    from .. import CHECKOUT_SUBPACKAGES
+
+    here = Path(package_dir) if package_dir is not None else Path(__file__).resolve().parents[1]
+    roots = {"": here}
+    for name in CHECKOUT_SUBPACKAGES:
+        if name in CODE_EXCLUDED or (here / name).is_dir():
+            continue  # left out, or inside the package folder (a wheel), where the walk finds it
+        if package_dir is not None:
+            roots[name] = here.parent / name
+        else:  # a checkout: wherever the import system finds it (without importing: export imports torch)
+            spec = importlib.util.find_spec(f"{PACKAGE}.{name}")
+            roots.update({name: Path(loc) for loc in (spec.submodule_search_locations or [])[:1]} if spec else {})
+    files = {}
+    for sub, folder in roots.items():
+        for rel, path in _package_files(folder, f"{PACKAGE}/{sub}".rstrip("/")):
+            if rel.split("/")[1] not in CODE_EXCLUDED:
+                files[rel] = path
+    return sorted(files.items())
+
+
+def code_fingerprint(package_dir: Path | None = None) -> str:
     from .. import __version__
 
     h = hashlib.sha256(__version__.encode())
-    here = Path(__file__).parents[1]  # flux2_klein/
-    files = [(f"flux2_klein/{name}", here / name) for name in CODE_FILES]
-    for package in CODE_PACKAGES:
-        spec = importlib.util.find_spec(package)  # finds without importing (export imports torch)
-        for location in (spec.submodule_search_locations or []) if spec else []:
-            # .py and data alike (FP8 calibration prompts shape the engines too)
-            files += [(f"{package}/{p.name}", p) for p in sorted(Path(location).iterdir())
-                      if p.is_file() and p.suffix not in (".pyc", ".pyo")]
-    for rel, path in sorted(files):
-        if path.is_file():
-            h.update(rel.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    for rel, path in code_files(package_dir):
+        h.update(rel.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
     return h.hexdigest()
 
 

@@ -16,7 +16,7 @@ from typing import Callable
 from ..contract import MODEL_NAME
 from ..progress import log
 from ..server import TritonProcess, answers_200
-from ..watchdog import RestartBudget, StubWatch, clean_stale_shm, drain, kill_group
+from ..watchdog import RestartBudget, StubWatch, clean_stale_shm, drain, kill_group, remove_regions_since, shm_regions
 from .settings import Settings
 
 
@@ -35,6 +35,9 @@ class Child:
     process: subprocess.Popen | None = field(default=None, repr=False)
     ready: bool = False
     watch: StubWatch | None = field(default=None, repr=False)
+    # tritonserver: /dev/shm's Python-backend regions just before this start; what appears beyond them and
+    # nobody maps once its group is dead was its own (watchdog.remove_regions_since).
+    shm_before: set[str] | None = field(default=None, repr=False)
 
 
 def server_children(settings: Settings, repository: Path) -> list[Child]:
@@ -116,8 +119,16 @@ class Supervisor:
 
     @staticmethod
     def _start(child: Child) -> None:
+        if child.restartable:
+            child.shm_before = shm_regions()
         child.process = subprocess.Popen(child.argv, env=child.env, start_new_session=True)
         child.ready, child.watch = False, None
+
+    @staticmethod
+    def _remove_regions(child: Child) -> None:
+        """Once `child`'s group is dead: the /dev/shm regions it left (a killed tritonserver removes none)."""
+        if child.shm_before is not None:
+            remove_regions_since(child.shm_before)
 
     def _restart(self, child: Child, problem: str) -> bool:
         """Kill `child` with its group and start it again, when it may; False when it may not."""
@@ -127,7 +138,7 @@ class Supervisor:
                     len(self.budget.times), self.budget.limit, self.budget.window_s)
         kill_group(child.process.pid)
         child.process.wait()
-        clean_stale_shm(min_age_s=1.0)  # the group just killed mapped its regions; nobody does now
+        self._remove_regions(child)
         try:
             self._start(child)
         except OSError as e:
@@ -211,8 +222,8 @@ class Supervisor:
     def _kill_stragglers(self) -> None:
         for child in self.children:  # stragglers of an exited child's group (its stubs, its workers)
             if child.process is not None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(child.process.pid, signal.SIGKILL)
+                kill_group(child.process.pid)  # and wait until they are gone: then their regions are unmapped
+                self._remove_regions(child)
 
 
 def healthcheck(port: int) -> int:

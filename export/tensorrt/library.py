@@ -6,16 +6,15 @@ compute capability, which is how the tests run the production builder, `engines.
 Each flavour's frontend package re-exports its bindings package; pip installs of the bindings alone
 (`tensorrt-cuNN-bindings`) provide only `tensorrt_bindings`, so both names are tried.
 
-`python -m flux2_klein.export.trt_build --check [--version V]` is the container image's install check.
+`python -m flux2_klein.export.tensorrt --check [--version V]` (this folder's __main__.py) is the container
+image's install check.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
 import os
-import sys
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -80,13 +79,54 @@ def _probe_graph() -> bytes:
     return model.SerializeToString()
 
 
+# The inference library each flavour's bindings load (its file name up to ".so"), whose exported C function
+# getInferLibVersion() says which library is really in the process: TensorRT's NvInferRuntime.h declares it
+# (extern "C" int32_t getInferLibVersion()), encoded as NV_TENSORRT_MAJOR * 10000 + MINOR * 100 + PATCH since
+# TensorRT 10 (NvInferVersion.h). The Python bindings do not wrap it, so it is called through ctypes on the
+# library already mapped into this process: the one Triton's tensorrt_plan backend links in the image.
+INFER_LIBRARIES = {"tensorrt": "libnvinfer.so", "tensorrt_rtx": "libtensorrt_rtx.so"}
+
+
+def loaded_library(trt) -> Path | None:
+    """The inference library file that importing `trt` mapped into this process (Linux), or None."""
+    stem = INFER_LIBRARIES[flavour_of(trt)]
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        path = line.split(maxsplit=5)[-1] if line.count(" ") >= 5 else ""
+        if Path(path).name.startswith(stem):
+            return Path(path)
+    return None
+
+
+def library_version(trt) -> tuple[str, Path] | None:
+    """(MAJOR.MINOR.PATCH, file) of the inference library `trt` loaded, from its getInferLibVersion(); None
+    where it cannot be found (not Linux, or the bindings linked it under another name)."""
+    import ctypes
+
+    path = loaded_library(trt)
+    if path is None:
+        return None
+    n = int(ctypes.CDLL(str(path)).getInferLibVersion())
+    return f"{n // 10000}.{n // 100 % 100}.{n % 100}", path
+
+
 def check_install(trt, version: str | None = None) -> str:
     """What the image promises: the module imports (so its libraries, the ONNX parser's included, load),
-    is `version`, and a Builder parses a graph with an OnnxParser. Returns a one-line report."""
+    its wheel and the libnvinfer it loaded are one version (`version` when given: the image's libnvinfer
+    package), and a Builder parses a graph with an OnnxParser. Returns a one-line report."""
     found = str(trt.__version__)
     if version and found != version:
         raise BuildError(f"tensorrt: version {found}, expected {version} (a plan built by another version "
                          "does not load in Triton)")
+    library = library_version(trt)
+    # The wheel's __version__ has four parts (10.13.3.9), the library's number three: compare those.
+    if library is not None and found.split(".")[:3] != library[0].split("."):
+        raise BuildError(f"tensorrt: the Python module is {found} but the library it loaded, {library[1]}, is "
+                         f"{library[0]}; engines it builds would not load in the Triton that serves with that library")
+    found = f"{found} ({f'{library[1].name} {library[0]}' if library else 'library version not found'})"
     logger = trt.Logger(trt.Logger.WARNING)
     try:
         builder = trt.Builder(logger)
@@ -106,31 +146,3 @@ def check_install(trt, version: str | None = None) -> str:
 
 def _gpu_visible() -> bool:
     return any(Path("/dev").glob("nvidia[0-9]*"))
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flux2_klein.export.trt_build",
-                                description="Check that TensorRT's Python API is installed and works.")
-    p.add_argument("--check", action="store_true", required=True)
-    p.add_argument("--flavour", choices=tuple(FLAVOURS), default=None)
-    p.add_argument("--version", default=None, help="the exact TensorRT version required")
-    args = p.parse_args(argv)
-    try:
-        print(check_install(import_trt(args.flavour), args.version))
-    except (ImportError, BuildError) as e:
-        print(f"TensorRT check failed: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def build_serialized(trt, onnx_path: Path, spec, *, optimization_level: int | None = None):
-    """Deprecated shim for tests/test_fp8.py until it moves to `engines.serialize` (the one build path)."""
-    from .engines import EnginePlan, serialize
-
-    plan = EnginePlan(spec=spec, onnx_path=Path(onnx_path), engine_path=Path(onnx_path).with_suffix(".plan"),
-                      precision="bf16", **({"opt_level": optimization_level} if optimization_level else {}))
-    return serialize(trt, plan, None)[0]
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,5 @@
-"""`flux2-klein export engines`: TensorRT engines from the exported graphs, declared, not scripted.
+"""Building TensorRT engines (`flux2-klein export engines`, `build --runtime tensorrt`) from the exported
+graphs, declared, not scripted.
 
 An engine is described by an `EnginePlan` (graph, precision, profiles from the network's spec, builder
 settings); `build_engine` turns a plan into a serialized engine with the TensorRT Python API, and writes
@@ -36,10 +37,11 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..progress import step
-from ..specs import NetworkSpec
-from ..target import Target  # noqa: F401 - its home is flux2_klein.target; imported from here too
-from .trt_build import BuildError, flavour_of, import_trt, parse
+from ...files import file_sha256
+from ...progress import step
+from ...specs import NetworkSpec
+from ...target import Target
+from .library import BuildError, flavour_of, import_trt, parse
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +86,6 @@ class EnginePlan:
         return " ".join(shlex.quote(a) for a in args)
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def source_hash(onnx_path: Path) -> str:
     """The graph and its external weights: a new export with other weights must change this."""
     h = hashlib.sha256()
@@ -101,7 +95,7 @@ def source_hash(onnx_path: Path) -> str:
     return h.hexdigest()
 
 
-def _import(trt=None):
+def resolve_trt(trt=None):
     if trt is not None:
         return trt
     try:
@@ -124,7 +118,7 @@ def parse_target(text: str, trt=None) -> Target:
         raise BuildError(f"{TARGET_ENV}: {', '.join(missing)} missing in {text!r}; e.g. "
                          "gpu=NVIDIA GeForce RTX 4090,compute_capability=8.9")
     if "tensorrt" not in fields:
-        fields["tensorrt"] = str(_import(trt).__version__)
+        fields["tensorrt"] = str(resolve_trt(trt).__version__)
     return Target(**fields)
 
 
@@ -147,7 +141,7 @@ def _rtx_capability(trt, target: Target):
 
 def current_target(trt=None) -> Target:
     """$FLUX2_KLEIN_TENSORRT_TARGET when set, else the present GPU; raises BuildError naming what is missing."""
-    trt = _import(trt)
+    trt = resolve_trt(trt)
     if os.environ.get(TARGET_ENV):
         target = parse_target(os.environ[TARGET_ENV], trt)
         check_target(trt, target)
@@ -230,7 +224,7 @@ def serialize(trt, plan: EnginePlan, target: Target | None, logger=None):
     config = builder.create_builder_config()
     config.builder_optimization_level = plan.opt_level
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
-    # Layer details (kernels, precisions, fusions) in the engine for its inspector (inspect_engine.py);
+    # Layer details (kernels, precisions, fusions) in the engine for its inspector (inspect.py);
     # no cost when running.
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     if target is not None and flavour_of(trt) == "tensorrt_rtx":
@@ -273,7 +267,7 @@ def _write(path: Path, data) -> None:
 
 def build_engine(plan: EnginePlan, trt=None, target: Target | None = None, force: bool = False) -> Path:
     """Build `plan` unless a fresh engine is already there; returns the engine path."""
-    trt = _import(trt)
+    trt = resolve_trt(trt)
     target = target or current_target(trt)
     check_target(trt, target)
     expected = expected_metadata(plan, target, builder=flavour_of(trt))
