@@ -96,7 +96,8 @@ def _rss_mb(pids) -> float:
 class RegionLog:
     """The /dev/shm regions of every stub that serves `repository` while it runs, each generation's: a stub's
     argv[2] names its region (python_backend r25.10 src/stub_launcher.cc, StubLauncher::Launch), so other
-    servers on this machine (their own repositories) are not counted."""
+    servers on this machine (their own repositories) are not counted, nor regions already there when it started
+    (another live server of the same repository, e.g. the session's `triton_server` in a whole-suite run)."""
 
     def __init__(self, repository: Path):
         self.root = str(Path(repository).resolve()) + os.sep
@@ -112,7 +113,8 @@ class RegionLog:
                 try:
                     if entry.name.isdigit() and (entry / "comm").read_text().strip() == STUB_COMM:
                         argv = (entry / "cmdline").read_bytes().split(b"\0")
-                        if len(argv) > 2 and argv[1].decode(errors="replace").startswith(self.root):
+                        if (len(argv) > 2 and argv[1].decode(errors="replace").startswith(self.root)
+                                and argv[2].decode() not in self.before):
                             self.names.add(argv[2].decode())
                 except OSError:
                     continue
