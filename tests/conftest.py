@@ -99,6 +99,29 @@ def serve_one_batching_sampler(tiny_ckpt, onnx_dir, tmp_path_factory, name: str)
     return ServeCommand.started(repo, tmp_path_factory.mktemp(f"{name}-logs"))
 
 
+def model_counts(server, model: str) -> tuple[int, int]:
+    """(inference_count, execution_count) of `model` from Triton's statistics."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{model}/stats") as r:
+        s = json.loads(r.read())["model_stats"][0]
+    return int(s["inference_count"]), int(s["execution_count"])
+
+
+def run_concurrently(server, run, jobs) -> tuple[list, list[int], list[int]]:
+    """`run(job)` for every job at once; their results, and the sampler's and the DiT's [requests, executions]
+    over them (from Triton's statistics): how many loops and DiT calls the jobs shared."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sampler_before, dit_before = model_counts(server, "sampler"), model_counts(server, "transformer")
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(run, jobs))
+    sampler = [a - b for a, b in zip(model_counts(server, "sampler"), sampler_before)]
+    dit = [a - b for a, b in zip(model_counts(server, "transformer"), dit_before)]
+    return results, sampler, dit
+
+
 class RunningServer:
     """The old name, for test_fp8.py and test_torch_runtime.py (`RunningServer.start(repo, log_dir)`) until
     they call ServeCommand.started."""

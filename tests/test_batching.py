@@ -5,15 +5,13 @@ alone (and diffusers'); what varies between requests (prompt, seed, guidance, re
 from __future__ import annotations
 
 import json
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import serve_one_batching_sampler
+from conftest import run_concurrently, serve_one_batching_sampler
 from flux2_klein import sampler_io, sampling
 from flux2_klein.client.triton_client import Flux2KleinClient
 from flux2_klein.sampling import Job, Shape, plan_batches, sample, sample_batch
@@ -118,12 +116,6 @@ def batching_server(tiny_ckpt, onnx_dir, tmp_path_factory):
     server.stop()
 
 
-def _stats(server, model: str) -> tuple[int, int]:
-    with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{model}/stats") as r:
-        s = json.loads(r.read())["model_stats"][0]
-    return int(s["inference_count"]), int(s["execution_count"])
-
-
 def test_the_sampler_is_a_batching_model_and_the_vae_decoder_takes_its_batch(batching_server):
     _, repo = batching_server
     sampler = (repo / "sampler" / "config.pbtxt").read_text()
@@ -146,11 +138,7 @@ def test_concurrent_requests_share_a_loop_and_each_equals_its_image_alone(batchi
         with Flux2KleinClient(server.grpc_url) as client:
             return client.generate(**job)
 
-    sampler_before, dit_before = _stats(server, "sampler"), _stats(server, "transformer")
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        together = list(pool.map(run, jobs))
-    sampler = [a - b for a, b in zip(_stats(server, "sampler"), sampler_before)]
-    dit = [a - b for a, b in zip(_stats(server, "transformer"), dit_before)]
+    together, sampler, dit = run_concurrently(server, run, jobs)
     assert sampler == [3, 1], "three requests, one denoising loop"
     assert dit == [4, 4], "one DiT call a step for the three of them"
     alone = [run(job) for job in jobs]

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import base64
 import io
-import json
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import serve_one_batching_sampler
+from conftest import run_concurrently, serve_one_batching_sampler
 from flux2_klein.client.triton_client import Flux2KleinClient, GenerationError
 from test_inpaint import PROMPT, _pipeline, mask_of, picture, png
 
@@ -48,12 +45,6 @@ def _close(got, want, what: str) -> None:
     assert got.shape == want.shape and diff.max() <= 2, what
 
 
-def _stats(server, model: str) -> tuple[int, int]:
-    with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{model}/stats") as r:
-        s = json.loads(r.read())["model_stats"][0]
-    return int(s["inference_count"]), int(s["execution_count"])
-
-
 def test_inpaint_and_image_to_image_over_grpc_and_http_equal_the_pipeline(served, inpaint_pipe):
     image, mask, reference = picture(1024, 1024, 1), mask_of("ellipse", 1024, 1024), picture(320, 240, 9)
     with Flux2KleinClient(served.grpc_url) as client:
@@ -79,11 +70,7 @@ def test_concurrent_inpaint_requests_share_a_loop_and_each_equals_itself_alone(s
         with Flux2KleinClient(served.grpc_url) as client:
             return client.generate(f"a fox, batched {job['seed']}", steps=4, **job)
 
-    sampler_before, dit_before = _stats(served, "sampler"), _stats(served, "transformer")
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        together = list(pool.map(run, jobs))
-    sampler = [a - b for a, b in zip(_stats(served, "sampler"), sampler_before)]
-    dit = [a - b for a, b in zip(_stats(served, "transformer"), dit_before)]
+    together, sampler, dit = run_concurrently(served, run, jobs)
     assert sampler == [3, 1], "three inpaint requests, one denoising loop"
     assert dit == [3, 3], "strength's cut leaves 3 of 4 steps: one DiT call each for the three"
     for i, job in enumerate(jobs):
