@@ -24,7 +24,10 @@ the same inductor and cuDNN settings (torch_runtime.configure_torch) and are tim
 prompt to a uint8 image in host memory (diffusers' tensor output converted on the GPU, as our VAE leaf does).
 A triton or smoke phase whose leaves compiled anything after warm-up exits 3, its result written.
 One file over 400 lines on purpose: it travels to the GPU machine as a plain script beside gpu_report.py
-(bench/ is no package), and its phases share the helpers here.
+(bench/ is no package), and its phases share the helpers here. The project comes from the installed package
+(bench/gpu_hopper.sh installs it); gpu_report is imported where a phase needs it, from this script's folder,
+which Python puts first on sys.path when it runs the script (tests that load this file for its helpers need
+no report).
 """
 
 from __future__ import annotations
@@ -45,11 +48,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gpu_report  # noqa: E402  (bench/ is no package: its two modules travel as files)
+from flux2_klein.contract import PRECISIONS
+from flux2_klein.dtypes import DEVICE_DTYPES, torch_dtype
+from flux2_klein.sizes import size_argument
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
-DTYPES = {"gpu": "bf16", "cpu": "fp32"}
 # Triton's pool for GPU tensors handed between models (default 64 MB): a prompt embedding is 16 MB, and
 # several requests are in flight at once.
 CUDA_POOL_BYTES = 2 << 30
@@ -87,14 +90,13 @@ def _pipeline(args):
     import torch
     from diffusers import Flux2KleinPipeline
 
-    from flux2_klein.export.onnx_export import DTYPES as TORCH_DTYPES
     from flux2_klein.torch_runtime import configure_torch
 
     # The leaves' inductor and cuDNN settings; one process compiles here, so it takes every core's worker.
-    args.torch_settings = configure_torch(DTYPES[args.device], processes=1)
+    args.torch_settings = configure_torch(DEVICE_DTYPES[args.device], processes=1)
     device = "cuda" if args.device == "gpu" else "cpu"
     start = time.perf_counter()
-    pipe = Flux2KleinPipeline.from_pretrained(args.checkpoint, dtype=TORCH_DTYPES[DTYPES[args.device]]).to(device)
+    pipe = Flux2KleinPipeline.from_pretrained(args.checkpoint, dtype=torch_dtype(DEVICE_DTYPES[args.device])).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe, time.perf_counter() - start
 
@@ -195,7 +197,7 @@ def run_diffusers(args, compiled: bool, save=lambda part: None) -> dict:
 
     gpu = args.device == "gpu"
     pipe, load_s = _pipeline(args)
-    what = f"diffusers {diffusers_version} Flux2KleinPipeline, {DTYPES[args.device]}"
+    what = f"diffusers {diffusers_version} Flux2KleinPipeline, {DEVICE_DTYPES[args.device]}"
     compile_s = None
     if compiled:
         mode = args.diffusers_compile
@@ -225,20 +227,22 @@ def run_diffusers(args, compiled: bool, save=lambda part: None) -> dict:
 
 def infer(url: str, prompt: str, seed: int, size: tuple[int, int], steps: int, guidance: float,
           timeout_s: float = 600) -> np.ndarray:
-    """One image from the ensemble over Triton's HTTP protocol (JSON in, binary image out); stdlib only."""
-    from flux2_klein.contract import MODEL_NAME
+    """One image from the ensemble over Triton's HTTP protocol (JSON in, binary image out); stdlib only.
+
+    Not the client library's Flux2KleinClient: the GPU machine carries no tritonclient (bench/carry_wheels.py;
+    its HTTP client needs gevent, geventhttpclient, greenlet and zope, about 15 MB installed, beside a carried
+    nvidia-pytriton of about 40 MB in a 64 MiB budget). The request's tensors are the client's all the same
+    (contract.input_arrays: names, KServe datatypes, checks); only KServe's JSON framing is here."""
+    from flux2_klein.contract import MODEL_NAME, OUTPUT, input_arrays
 
     width, height = size
+    tensors = input_arrays(prompt, width=width, height=height, seed=seed, steps=steps, guidance=guidance)
     body = {
-        "inputs": [
-            {"name": "prompt", "datatype": "BYTES", "shape": [1], "data": [prompt]},
-            {"name": "height", "datatype": "INT32", "shape": [1], "data": [height]},
-            {"name": "width", "datatype": "INT32", "shape": [1], "data": [width]},
-            {"name": "seed", "datatype": "INT64", "shape": [1], "data": [seed]},
-            {"name": "num_inference_steps", "datatype": "INT32", "shape": [1], "data": [steps]},
-            {"name": "guidance_scale", "datatype": "FP32", "shape": [1], "data": [guidance]},
-        ],
-        "outputs": [{"name": "image", "parameters": {"binary_data": True}}],
+        # BYTES in JSON are strings: the prompt's UTF-8 (this request sends no reference images).
+        "inputs": [{"name": name, "datatype": datatype, "shape": list(array.shape),
+                    "data": [v.decode() for v in array] if datatype == "BYTES" else array.tolist()}
+                   for name, (datatype, array) in tensors.items()],
+        "outputs": [{"name": OUTPUT.name, "parameters": {"binary_data": True}}],
     }
     request = urllib.request.Request(f"http://{url}/v2/models/{MODEL_NAME}/infer", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
@@ -402,7 +406,9 @@ def dit_rows(args) -> int:
 
 def run_triton(args, save=lambda part: None, tag: str = "triton", dtype: str | None = None) -> dict:
     """Build the repository, serve it, measure it. `tag` names its files (triton, smoke); `dtype` the leaves'
-    (default DTYPES[device])."""
+    (default DEVICE_DTYPES[device])."""
+    import gpu_report
+
     work = Path(args.work)
     if args.url:
         return {"what": f"Triton at {args.url} (already serving)",
@@ -415,7 +421,7 @@ def run_triton(args, save=lambda part: None, tag: str = "triton", dtype: str | N
     precision = args.precision if gpu else None
     # Warm what this run sends and no more: its one size, the DiT rows its concurrency brings, no references
     # (so the VAE encoder warms nothing). A CPU rehearsal compiles with the eager backend, so it warms too.
-    dtype = dtype or DTYPES[args.device]
+    dtype = dtype or DEVICE_DTYPES[args.device]
     repo = build_repository(args.checkpoint, work / f"{tag}-repository", runtime="torch", device=args.device,
                             dtype=dtype, compile=args.compile or False, precision=precision,
                             fp8_text_encoder=args.fp8_text_encoder and gpu,
@@ -488,19 +494,12 @@ def check(args) -> None:
     if r.returncode != 0:
         raise RuntimeError(f"the Triton models' environment ({python}) is not usable:\n{r.stderr[-3000:]}")
     print(f"models' environment: {r.stdout.strip()}")
+    import gpu_report
+
     print(f"machine: {gpu_report.machine(args.device)['device']}")
 
 
 # ------------------------------------------------------------------------------------------------ command
-
-def _sizes(text: str) -> tuple[int, int]:
-    from flux2_klein.sizes import parse_size
-
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
 
 def _levels(text: str) -> list[int]:
     try:
@@ -526,14 +525,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="make a tiny random checkpoint first (a CPU rehearsal)")
     p.add_argument("--work", type=Path, required=True, help="folder for the repository, logs, images, results")
     p.add_argument("--device", choices=("gpu", "cpu"), default="gpu", help="gpu: bf16 on cuda; cpu: fp32 (default gpu)")
-    p.add_argument("--size", type=_sizes, default=(1024, 1024), help="WIDTHxHEIGHT (default 1024x1024)")
+    p.add_argument("--size", type=size_argument, default=(1024, 1024), help="WIDTHxHEIGHT (default 1024x1024)")
     p.add_argument("--requests", type=int, default=6, help="timed images one at a time (default 6)")
     p.add_argument("--concurrency", type=_levels, default=[1, 2, 4, 8],
                    help="levels for images/s, comma-separated (default 1,2,4,8)")
     p.add_argument("--rounds", type=int, default=3, help="timed batches (diffusers) or requests per client (Triton) "
                                                          "at each level (default 3)")
     p.add_argument("--warmup", type=int, default=2, help="untimed images first, on each side (default 2)")
-    p.add_argument("--precision", choices=("bf16", "fp8"), default="fp8", help="Triton's DiT GEMMs (default fp8)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp8", help="Triton's DiT GEMMs (default fp8)")
     p.add_argument("--fp8-text-encoder", action="store_true", help="Triton's text encoder GEMMs in FP8 too")
     p.add_argument("--compile", default="default", help="torch.compile mode for Triton's leaves ('' for eager)")
     p.add_argument("--diffusers-compile", default="default",
@@ -638,6 +637,8 @@ def main(argv: list[str] | None = None) -> int:
     # the report: from the result files the phases left in WORK (those of a phase cut short too)
     results = {phase: json.loads((args.work / f"{phase}.json").read_text()) for phase in MEASURED
                if (args.work / f"{phase}.json").exists()}
+    import gpu_report
+
     steps, guidance = checkpoint_defaults(args.checkpoint)
     report = gpu_report.build(results, args, steps, guidance)
     print(report.text, flush=True)

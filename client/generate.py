@@ -1,7 +1,7 @@
 """`flux2-klein generate` (CONTRACT.md section 2): one image through tritonclient.
 
     flux2-klein generate --prompt TEXT [--size WxH] [--seed N] [--steps N] [--guidance F]
-                         [--reference FILE]... [--image FILE [--mask FILE] [--strength F]]
+                         [--reference FILE]... [--image FILE [--mask FILE [--padding-mask-crop N]] [--strength F]]
                          [--url HOST:PORT] [--protocol grpc|http] [--wait S] --out FILE
 
 Options left out are not sent, so the server's defaults apply (1024x1024, seed 0, the checkpoint's
@@ -15,24 +15,15 @@ stderr every few seconds), timed out or failed. 0: the image was written; stdout
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 
 from flux2_klein import contract as api
 from flux2_klein.sizes import DEFAULT_SIZE, MAX_REFERENCES, size_names
+from flux2_klein.sizes import size_argument as parse_size  # --size's type: sizes.parse_size for argparse
 
 # `serve` of the CPU demo loads its models in 26-37 s on 2 idle CPUs, over 120 s on a busy machine.
 DEFAULT_WAIT_S = 180.0
-_SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'WIDTHxHEIGHT' (e.g. '1024x1024') -> (width, height); an argparse type."""
-    m = _SIZE.match(text)
-    if not m or int(m.group(1)) <= 0 or int(m.group(2)) <= 0:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels, e.g. 1024x1024; got {text!r}")
-    return int(m.group(1)), int(m.group(2))
 
 
 def add_generate_parser(subparsers) -> argparse.ArgumentParser:
@@ -66,6 +57,9 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
                    help="inpainting mask, the image's size: white repaints, black keeps (needs --image)")
     g.add_argument("--strength", type=float, default=None, metavar="F",
                    help=f"how much of --image to change, 0..1 (default {api.DEFAULT_STRENGTH}; 1: from pure noise)")
+    g.add_argument("--padding-mask-crop", type=int, default=None, metavar="N",
+                   help="inpaint only the box around the mask grown by N pixels (scaled up to the size, then "
+                        "pasted back), as diffusers' padding_mask_crop (needs --mask)")
     g.add_argument("--url", default=None, metavar="HOST:PORT",
                    help=f"Triton's endpoint (default {DEFAULT_URLS['grpc']} for grpc, {DEFAULT_URLS['http']} for http)")
     g.add_argument("--protocol", choices=PROTOCOLS, default="grpc", help="grpc (default) or http")
@@ -104,6 +98,7 @@ def run_generate(args: argparse.Namespace) -> int:
             image = client.generate(
                 args.prompt, width=width, height=height, seed=args.seed, steps=args.steps,
                 guidance=args.guidance, references=references, image=image, mask=mask, strength=args.strength,
+                padding_mask_crop=args.padding_mask_crop,
             )
             elapsed = time.perf_counter() - start
     except GenerationError as e:

@@ -252,12 +252,14 @@ class Flux2KleinClient:
         image: Reference | None = None,
         mask: Reference | None = None,
         strength: float | None = None,
+        padding_mask_crop: int | None = None,
     ) -> np.ndarray:
         """One image, as numpy uint8 [height, width, 3] RGB. None means "not sent": the server's default.
 
         references: encoded image files (PNG, JPEG, WebP) as bytes, or paths to them; at most 4 (3 with image).
         image: the picture to change (inpainting; image-to-image without a mask), a file's bytes or path;
-        mask: white repaints, black keeps, the image's size; strength: 0..1 (the server's default 0.8).
+        mask: white repaints, black keeps, the image's size; strength: 0..1 (the server's default 0.8);
+        padding_mask_crop: inpaint only the box around the mask grown by this many pixels, pasted back.
         Raises GenerationError; a bad input gives status "INVALID_ARGUMENT" with the server's message.
         """
         if self._pending_wait_s:
@@ -266,7 +268,8 @@ class Flux2KleinClient:
         tc = _tc(self.protocol)
         inputs = build_inputs(
             prompt, width=width, height=height, seed=seed, steps=steps, guidance=guidance,
-            references=references, image=image, mask=mask, strength=strength, protocol=self.protocol,
+            references=references, image=image, mask=mask, strength=strength,
+            padding_mask_crop=padding_mask_crop, protocol=self.protocol,
         )
         if self.protocol == "http":
             outputs = [tc.InferRequestedOutput(OUTPUT.name, binary_data=True)]

@@ -4,10 +4,9 @@
    activations, max calibration) while the real pipeline runs: the checkpoint's own step count, several
    of the 17 sizes, text-to-image and editing with an earlier image as the reference, over the prompts
    shipped in calibration_prompts.txt.
-2. Keep in higher precision what FP8 recipes for Flux keep there: the input embedders (x_embedder,
-   context_embedder), the timestep embedding and the modulation MLPs (they set every block's scale and
-   shift: small errors there move everything), norms (never quantized: not Linear), norm_out and
-   proj_out (the velocity itself).
+2. Keep in higher precision what FP8 recipes for Flux keep there (networks.KEEP_HIGH_PRECISION, which the
+   torch leaves' FP8 follows too): the input embedders, the timestep embedding and the modulation MLPs,
+   norm_out and proj_out; norms are never quantized (not Linear).
 3. Replace every calibrated Linear by an explicit Q/DQ module: the activation passes QuantizeLinear ->
    DequantizeLinear (E4M3, scale = amax / 448), the weight is stored in E4M3 and dequantized, both
    feeding the MatMul directly. That is the pattern TensorRT's explicit quantization fuses into one FP8
@@ -28,6 +27,8 @@ import torch
 from torch import nn
 
 from ..checkpoint import load_checkpoint
+from ..dtypes import torch_dtype
+from ..networks import KEEP_HIGH_PRECISION, load_wrapper
 from ..progress import step
 from ..specs import network_specs
 
@@ -35,9 +36,6 @@ log = logging.getLogger(__name__)
 
 E4M3_MAX = 448.0
 PROMPTS_FILE = Path(__file__).with_name("calibration_prompts.txt")
-# Quantizers left disabled (module-name patterns): see the module docstring.
-KEEP_HIGH_PRECISION = ("x_embedder*", "context_embedder*", "time_guidance_embed*", "*modulation*", "norm_out*",
-                       "proj_out*")
 # Sizes the calibration runs at: square, the two extremes, and two in between (width, height).
 CALIBRATION_SIZES = ((1024, 1024), (672, 1568), (1568, 672), (832, 1248), (1184, 880))
 
@@ -193,12 +191,10 @@ def calibrate_scales(checkpoint: str | Path, *, dtype: str = "bf16", prompts: li
     """Run the real pipeline under ModelOpt; returns (per-layer amax, calibration runs)."""
     from diffusers import Flux2KleinPipeline
 
-    from .onnx_export import DTYPES
-
     ckpt = load_checkpoint(checkpoint)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with step(f"load the pipeline ({dtype}, {device}) for calibration"):
-        pipe = Flux2KleinPipeline.from_pretrained(ckpt.path, dtype=DTYPES[dtype]).to(device)
+        pipe = Flux2KleinPipeline.from_pretrained(ckpt.path, dtype=torch_dtype(dtype)).to(device)
         pipe.set_progress_bar_config(disable=True)
     plan = CalibrationPlan(prompts=prompts or load_prompts(), sizes=tuple(sizes), steps=steps)
     with step(f"calibrate FP8 on {len(plan.prompts)} prompts"), torch.no_grad():
@@ -215,7 +211,7 @@ def export_fp8(checkpoint: str | Path, out_dir: str | Path, *, dtype: str = "bf1
                scales: dict[str, dict] | None = None) -> Path:
     """Calibrate (unless `scales` are given, or out_dir/transformer/fp8_scales.json holds an earlier
     calibration), convert and export the FP8 transformer to out_dir/transformer/model.onnx."""
-    from .onnx_export import DTYPES, export_module, load_wrapper
+    from .onnx_export import export_module
 
     ckpt = load_checkpoint(checkpoint)
     spec = network_specs(ckpt)["transformer"]
@@ -231,7 +227,7 @@ def export_fp8(checkpoint: str | Path, out_dir: str | Path, *, dtype: str = "bf1
     target.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(scales, indent=1))
     with step("replace calibrated layers by FP8 Q/DQ"):
-        module = load_wrapper(ckpt, "transformer", DTYPES[dtype])
+        module = load_wrapper(ckpt, "transformer", torch_dtype(dtype))
         to_qdq(module.transformer, scales)
     kept = sorted({n for n, _ in module.transformer.named_children() if kept_high_precision([n])})
     log.info("FP8 layers: %d; kept in %s: %s", len(scales), dtype, ", ".join(kept))

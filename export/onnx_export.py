@@ -16,10 +16,11 @@ import numpy as np
 import torch
 
 from ..checkpoint import Checkpoint, load_checkpoint
+from ..dtypes import COMPUTE_DTYPES, torch_dtype
+from ..files import file_sha256
+from ..networks import load_wrapper
 from ..progress import step
 from ..specs import NETWORKS, NetworkSpec, example_inputs, network_specs
-from . import wrappers
-from ..files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -44,34 +45,11 @@ OPSET = 18
 # (other tools check types). 22 is also what the builders parse: TensorRT 10.13 (Triton 25.10's) and
 # TensorRT-RTX 1.7, see engines.PARSER_OPSETS; build_engine refuses a graph above its builder's.
 OPSET_BF16 = 22  # also FP8 graphs (Q/DQ in float8 needs 19)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROTOBUF_LIMIT = 2**31 - 1
 # Example sizes for tracing: batch 2 and uneven sides so that no dynamic dimension is traced at 1
 # or at a value equal to another dimension (torch.export would specialise or merge them).
 TRACE_SIZE = (720, 1456)
 TRACE_REFERENCES = ((768, 512),)
-
-
-def load_wrapper(ckpt: Checkpoint, network: str, dtype: torch.dtype) -> torch.nn.Module:
-    """The network's torch module with its spec's signature, weights in `dtype`, eval mode."""
-    path = ckpt.component
-    if network == "text_encoder":
-        from transformers import Qwen3ForCausalLM
-
-        module = Qwen3ForCausalLM.from_pretrained(path("text_encoder"), dtype=dtype, attn_implementation="sdpa")
-        spec_layers = network_specs(ckpt)["text_encoder"].config["out_layers"]
-        return wrappers.TextEncoderEmbeds(module, spec_layers).eval()
-    if network == "transformer":
-        from diffusers import Flux2Transformer2DModel
-
-        return wrappers.TransformerVelocity(Flux2Transformer2DModel.from_pretrained(path("transformer"), dtype=dtype)).eval()
-    if network in ("vae_decoder", "vae_encoder"):
-        from diffusers import AutoencoderKLFlux2
-
-        vae = AutoencoderKLFlux2.from_pretrained(path("vae"), dtype=dtype)
-        cls = wrappers.VaeDecodeImage if network == "vae_decoder" else wrappers.VaeEncodeTokens
-        return cls(vae).eval()
-    raise KeyError(f"network: {network!r}, expected one of {', '.join(NETWORKS)}")
 
 
 def dynamic_shapes(spec: NetworkSpec) -> dict[str, dict[int, object] | None]:
@@ -95,7 +73,7 @@ def dynamic_shapes(spec: NetworkSpec) -> dict[str, dict[int, object] | None]:
 def export_network(ckpt: Checkpoint, spec: NetworkSpec, target: Path, dtype: str = "fp32") -> Path:
     """Export one network to target/model.onnx and write model.json beside it."""
     with step(f"{spec.name}: load weights ({dtype})"):
-        module = load_wrapper(ckpt, spec.name, DTYPES[dtype])
+        module = load_wrapper(ckpt, spec.name, torch_dtype(dtype))
     return export_module(module, ckpt, spec, target, dtype)
 
 
@@ -165,8 +143,8 @@ def _infer_shapes(path: Path) -> None:
 
 def export_onnx(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32",
                 networks: tuple[str, ...] = NETWORKS) -> dict[str, Path]:
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype: {dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"dtype: {dtype!r} is not supported; allowed: {', '.join(COMPUTE_DTYPES)}")
     unknown = [n for n in networks if n not in NETWORKS]
     if unknown:
         raise ValueError(f"networks: unknown {', '.join(unknown)}; allowed: {', '.join(NETWORKS)}")

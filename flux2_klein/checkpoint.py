@@ -1,7 +1,7 @@
 """Reading a FLUX.2 [klein] checkpoint in diffusers layout (CONTRACT.md section 1), with clear errors.
 
-Only configs are read here; weights are loaded by the exporter, one network at a time, so a 4B
-checkpoint never needs all of its parts in memory at once.
+Only configs are read here; weights are loaded by networks.py (`load_wrapper`), one network at a time, so a
+4B checkpoint never needs all of its parts in memory at once.
 """
 
 from __future__ import annotations

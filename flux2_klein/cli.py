@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .contract import PRECISIONS
+from .contract import PRECISIONS, RUNTIMES, TENSORRT_PRECISION
+from .dtypes import COMPUTE_DTYPES
 from .repository import COMPILE_MODES
 from .progress import log, setup_logging
 
@@ -73,25 +74,33 @@ def _build(args) -> int:
     from .repository import build_repository
 
     if args.runtime == "tensorrt" or args.dry_run:
-        from .export.tensorrt.plan import describe_plan
+        from .export.tensorrt.plan import default_work, describe_plan
 
-        work = Path(args.work) if args.work else Path(str(Path(args.out)) + ".work")
+        work = Path(args.work) if args.work else default_work(args.out)
         if args.dry_run:
             if args.runtime != "tensorrt":
                 raise ValueError("dry-run: only --runtime tensorrt has a build plan to show")
-            print(describe_plan(_geometry(args), Path(args.out), work, args.precision or "fp8", args.opt_level))
+            print(describe_plan(_geometry(args), Path(args.out), work, args.precision or TENSORRT_PRECISION,
+                                args.opt_level))
             return 0
-        build_repository(args.checkpoint, args.out, runtime="tensorrt", precision=args.precision or "fp8",
+        build_repository(args.checkpoint, args.out, runtime="tensorrt", precision=args.precision or TENSORRT_PRECISION,
                          work=work, opt_level=args.opt_level, batching=_batching(args), guardrail=_guardrail(args),
-                         loras=args.lora)
+                         loras=args.lora, padding_mask_crop=args.padding_mask_crop)
         return 0
     torch_only = {"fp8_text_encoder": args.fp8_text_encoder, "warm_sizes": args.warm_sizes} \
         if args.runtime == "torch" else {}
     build_repository(args.checkpoint, args.out, runtime=args.runtime, dtype=args.dtype,
                      onnx_dir=args.onnx or None, device=args.device, compile=args.compile,
                      precision=args.precision, batching=_batching(args), guardrail=_guardrail(args), loras=args.lora,
-                     **torch_only)
+                     padding_mask_crop=args.padding_mask_crop, **torch_only)
     return 0
+
+
+def _add_geometry(parser: argparse.ArgumentParser) -> None:
+    """A checkpoint, or with --dry-run only its component configs: what `_geometry` reads."""
+    parser.add_argument("--checkpoint", default="", help="checkpoint in diffusers layout")
+    parser.add_argument("--config", default="", metavar="4b|FILE",
+                        help="with --dry-run: component configs instead of a checkpoint (`4b`: the real model's)")
 
 
 def _lora_spec(text: str):
@@ -145,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     o = esub.add_parser("onnx", help="export every network to ONNX, ready for TensorRT")
     o.add_argument("--checkpoint", required=True, help="checkpoint in diffusers layout")
     o.add_argument("--out", required=True, help="output directory: one folder per network")
-    o.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+    o.add_argument("--dtype", choices=tuple(COMPUTE_DTYPES), default="fp32",
                    help="compute precision inside the graphs (I/O stays float32; default fp32)")
     o.add_argument("--networks", default="",
                    help="comma-separated subset of text_encoder,transformer,vae_decoder,vae_encoder")
@@ -162,23 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=_export_fp8)
 
     g = esub.add_parser("engines", help="TensorRT engines from exported graphs, with the specs' profiles")
-    g.add_argument("--checkpoint", default="", help="checkpoint in diffusers layout")
-    g.add_argument("--config", default="", metavar="4b|FILE",
-                   help="with --dry-run: component configs instead of a checkpoint (`4b`: the real model's)")
+    _add_geometry(g)
     g.add_argument("--onnx", required=True, help="work folder holding bf16/<network> and fp8/transformer graphs")
     g.add_argument("--out", required=True, help="repository-shaped output: <network>/1/model.plan")
-    g.add_argument("--precision", choices=PRECISIONS, default="fp8")
+    g.add_argument("--precision", choices=PRECISIONS, default=TENSORRT_PRECISION)
     g.add_argument("--opt-level", type=int, default=None, help="builder optimization level (default 3)")
     g.add_argument("--force", action="store_true", help="rebuild even fresh engines")
     g.add_argument("--dry-run", action="store_true", help="print the plan and trtexec equivalents; needs no TensorRT")
     g.set_defaults(func=_export_engines)
 
     b = sub.add_parser("build", help="export and assemble a ready Triton model repository")
-    b.add_argument("--checkpoint", default="", help="checkpoint in diffusers layout")
-    b.add_argument("--config", default="", metavar="4b|FILE",
-                   help="with --dry-run: component configs instead of a checkpoint (`4b`: the real model's)")
+    _add_geometry(b)
     b.add_argument("--out", required=True, help="the model repository to write")
-    b.add_argument("--runtime", choices=("onnxruntime", "torch", "tensorrt"), default="onnxruntime",
+    b.add_argument("--runtime", choices=RUNTIMES, default=RUNTIMES[0],
                    help="what runs the leaf networks (default onnxruntime: Python models, CPU; torch: the "
                         "diffusers/transformers modules in PyTorch, no export; tensorrt: engines for this GPU)")
     b.add_argument("--device", choices=("cpu", "gpu"), default=None,
@@ -193,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warm-sizes", default=None, metavar="all|WxH,...",
                    help="torch: sizes each leaf runs once while loading, so no request pays for a compile "
                         "(default: all when compiling on a GPU, 1024x1024 on a GPU, none on a CPU)")
+    b.add_argument("--padding-mask-crop", action="store_true",
+                   help="serve inpainting's padding_mask_crop: adds the postprocess model (its paste back) to "
+                        "every request's path, ~9 ms a request on a 2-core CPU (default: the input is refused)")
     b.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", type=_lora_spec,
                    help="a diffusers-format klein LoRA fused into the weights before anything else, at SCALE "
                         "(default 1); repeatable, fused in order")
@@ -208,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--opt-level", type=int, default=None, help="tensorrt: builder optimization level (default 3)")
     b.add_argument("--dry-run", action="store_true",
                    help="tensorrt: print the plan (graphs, precisions, profiles, engines, trtexec commands)")
-    b.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+    b.add_argument("--dtype", choices=tuple(COMPUTE_DTYPES), default=None,
                    help="compute precision (default bf16 for --runtime torch --device gpu, else fp32)")
     b.add_argument("--onnx", default="", help="reuse graphs already written by `export onnx` to this folder")
     b.set_defaults(func=_build)

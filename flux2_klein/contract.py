@@ -2,8 +2,8 @@
 types, ranges and defaults, its output, and the request tensors a client sends.
 
 The client, the gateway, the benchmark, request validation, the Triton configs and the checkpoint all
-read these facts from here. This module imports nothing of the project but `sizes`, so that any of them
-can use it (the client without torch, the checkpoint reader without the specs).
+read these facts from here. This module imports nothing of the project but `sizes` and `dtypes`, so that any
+of them can use it (the client without torch, the checkpoint reader without the specs).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .dtypes import DATATYPES  # KServe's names for the dtypes below, as requests carry them
 from .sizes import DEFAULT_SIZE, SIZES
 
 MODEL_NAME = "flux2_klein"  # the ensemble users call
@@ -60,10 +61,6 @@ INPUTS = (
 OUTPUT = ApiTensor("image", "uint8", ("height", "width", 3))
 INPUT_NAMES = tuple(t.name for t in INPUTS)
 
-# KServe's names for the dtypes above, as requests carry them.
-DATATYPES = {"bytes": "BYTES", "int32": "INT32", "int64": "INT64", "float32": "FP32", "uint8": "UINT8",
-             "bool": "BOOL"}
-
 MIN_STEPS, MAX_STEPS = 1, 100
 DEFAULT_SEED = 0
 DEFAULT_STEPS_DISTILLED, DEFAULT_STEPS_BASE = 4, 50
@@ -85,8 +82,13 @@ def strength_steps(num_steps: int, strength: float) -> tuple[int, int]:
     return start, num_steps - start
 
 
-# What the DiT's GEMMs run in on TensorRT (the rest stays BF16).
+# What runs the leaf networks (`build --runtime`, CONTRACT.md section 2): ONNX Runtime (Python models, CPU),
+# PyTorch (the checkpoint's modules, no export), TensorRT (engines for this GPU). The first is the default.
+RUNTIMES = ("onnxruntime", "torch", "tensorrt")
+# What the DiT's GEMMs run in on TensorRT (the rest stays BF16), and TensorRT's default: `build`, `export
+# engines` and the container build FP8 unless told otherwise.
 PRECISIONS = ("fp8", "bf16")
+TENSORRT_PRECISION = "fp8"
 
 
 @dataclass(frozen=True)

@@ -30,13 +30,15 @@ import numpy as np
 import torch
 
 from .contract import Defaults, input_arrays
-from .ort_session import describe, make_session, one_torch_thread
+from .mask_crop import paste_back
+from .ort_session import describe, make_session
 from .request import PromptTokenizer, parse_request
 from .sampling import mask_tokens, sample, use_cfg
-from .sizes import latent_grid
 from .specs import NETWORKS
+from .stages import ENSEMBLE_STAGES, SAMPLER_CALLS, Conditions, Stages
 
-STAGES = ("preprocess", "text_encoder", "vae_encoder", "transformer", "sampler", "vae_decoder")
+# What `last_timings` holds: every stage and every network the sampler calls (stages.py states the order).
+STAGES = (*ENSEMBLE_STAGES[:2], *SAMPLER_CALLS, *ENSEMBLE_STAGES[2:])
 
 
 def model_config(repository: str | Path, model: str):
@@ -55,18 +57,24 @@ def model_parameters(repository: str | Path, model: str) -> dict[str, str]:
     return {k: v.string_value for k, v in config.parameters.items()}
 
 
-class DirectPipeline:
+class DirectPipeline(Stages):
     """A repository's graphs behind one call, `generate` (or `infer` with the request's tensors).
 
     intra_op_threads: ONNX Runtime threads per session; None (default) takes each leaf model's
     `intra_op_threads` parameter (what Triton gives each instance), else 1.
+    sessions: {network: object with ONNX Runtime's `run(output_names, feed)` and `get_outputs()`} to call
+    instead of the repository's graphs (the bench's torch leaves, client/bench/torch_direct.py).
+    Torch's own thread count is the caller's: the Triton sampler runs its math on one thread
+    (ort_session.one_torch_thread), and the bench sets the same around its direct run.
     `last_timings` holds the seconds each stage took in the latest call (see STAGES; "sampler" is the
     loop's own work, without the transformer and VAE-encoder calls) and "total".
     """
 
-    def __init__(self, repository: str | Path, *, intra_op_threads: int | None = None):
+    def __init__(self, repository: str | Path, *, intra_op_threads: int | None = None,
+                 sessions: Mapping[str, Any] | None = None):
         self.repository = repo = Path(repository)
         pre = model_parameters(repo, "preprocess")
+        self.crop_served = pre.get("padding_mask_crop") == "true"  # as the repository's preprocess reads it
         smp = model_parameters(repo, "sampler")
         if {"is_distilled"} <= pre.keys() and {"scheduler_config", "channels"} <= smp.keys():
             self.is_distilled = pre["is_distilled"] == "true"
@@ -80,6 +88,10 @@ class DirectPipeline:
         self.sessions = {}
         self.threads = {}
         for name in NETWORKS:
+            if sessions is not None:
+                self.sessions[name] = sessions[name]
+                self.threads[name] = intra_op_threads or int(model_parameters(repo, name).get("intra_op_threads", "1"))
+                continue
             path = repo / name / "1" / "model.onnx"
             if not path.is_file():
                 raise FileNotFoundError(f"repository: {path} is missing (DirectPipeline runs the ONNX graphs "
@@ -89,8 +101,7 @@ class DirectPipeline:
             self.sessions[name] = make_session(str(path), threads)
             self.threads[name] = threads
         self._outputs = {n: [o.name for o in s.get_outputs()] for n, s in self.sessions.items()}
-        one_torch_thread()  # as the Triton sampler on a CPU does for the loop's math
-        self.session_config = describe(self.threads) + "; sampler math: 1 torch thread"
+        self.session_config = describe(self.threads) if sessions is None else "sessions given by the caller"
         self.last_timings: dict[str, float] = {}
 
     def _from_checkpoint(self) -> None:
@@ -124,47 +135,64 @@ class DirectPipeline:
         returns the `image` output, uint8 [height, width, 3]. A bad input raises request.InvalidInput."""
         self.last_timings = {}
         t0 = time.perf_counter()
-        req = parse_request(inputs, self.defaults)
-        do_cfg = use_cfg(self.is_distilled, req.guidance_scale)
-        ids, mask = self.tokenizer.encode_request(req.prompt, do_cfg)
+        image = self.run(inputs)  # stages.Stages: the ensemble's order
+        self.last_timings["total"] = time.perf_counter() - t0
+        return image
+
+    # -- the stages (stages.Stages), each as its Triton model computes it ------------------------------------
+
+    def preprocess(self, inputs):
+        t0 = time.perf_counter()
+        req = parse_request(inputs, self.defaults, crop_served=self.crop_served)
+        self._do_cfg = use_cfg(self.is_distilled, req.guidance_scale)
+        self._tokens = self.tokenizer.encode_request(req.prompt, self._do_cfg)
         self.last_timings["preprocess"] = time.perf_counter() - t0
+        return req
 
+    def text_encoder(self, req):
+        ids, mask = self._tokens
         (embeds,) = self._run("text_encoder", {"input_ids": ids, "attention_mask": mask})
+        return torch.from_numpy(embeds)
 
+    def vae_encoder(self, image: np.ndarray):
+        (tokens,) = self._run("vae_encoder", {"image": image})
+        return tokens
+
+    def sampler(self, req, embeds, conditions: Conditions):
         t_sampler = time.perf_counter()
-        tokens, grids = [], []
-        for image in req.references:
-            (t,) = self._run("vae_encoder", {"image": image})
-            tokens.append(t)
-            grids.append(latent_grid(image.shape[1], image.shape[0]))
-        picture = mask = None
-        if req.image is not None:  # inpainting / image-to-image, as the Triton sampler runs it
-            (picture,) = self._run("vae_encoder", {"image": req.image})
-            mask = None if req.mask is None else mask_tokens(req.mask)
-        embeds = torch.from_numpy(embeds)
+        do_cfg = self._do_cfg
         # The values the Triton sampler reads back from its INT32/INT64/FP32 [1] inputs.
         guidance = float(np.float32(req.guidance_scale))
         latents = sample(
             self._transformer, embeds[:1], width=req.width, height=req.height, seed=req.seed,
             num_steps=req.num_inference_steps, scheduler_config=self.scheduler_config, channels=self.channels,
-            references=tokens, reference_grids=grids, guidance_scale=guidance, do_cfg=do_cfg,
-            negative_prompt_embeds=embeds[1:] if do_cfg else None, device="cpu",
-            image=picture, mask=mask, start_step=req.start_step,
+            references=conditions.references, reference_grids=conditions.grids, guidance_scale=guidance,
+            do_cfg=do_cfg, negative_prompt_embeds=embeds[1:] if do_cfg else None, device="cpu",
+            image=conditions.image, mask=None if req.mask is None else mask_tokens(req.mask),
+            start_step=req.start_step,
         )
-        inner = self.last_timings.get("transformer", 0.0) + self.last_timings.get("vae_encoder", 0.0)
-        self.last_timings["sampler"] = time.perf_counter() - t_sampler - inner
+        self.last_timings["sampler"] = time.perf_counter() - t_sampler - self.last_timings.get("transformer", 0.0)
+        return latents
 
+    def vae_decoder(self, latents) -> np.ndarray:
         (image,) = self._run("vae_decoder", {"latents": latents})
-        self.last_timings["total"] = time.perf_counter() - t0
+        return image
+
+    def postprocess(self, req, image: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        if req.crop_box is not None:  # the postprocess model's paste back
+            image = paste_back(image, req.overlay, req.crop_box)
+        self.last_timings["postprocess"] = time.perf_counter() - t0
         return image
 
     def generate(self, prompt: str, *, width: int | None = None, height: int | None = None,
                  seed: int | None = None, steps: int | None = None, guidance: float | None = None,
                  references: Iterable[bytes] = (), image: bytes | None = None, mask: bytes | None = None,
-                 strength: float | None = None) -> np.ndarray:
+                 strength: float | None = None, padding_mask_crop: int | None = None) -> np.ndarray:
         """As `Flux2KleinClient.generate`: the same arguments, the same tensors, the same image."""
         arrays = input_arrays(prompt, width=width, height=height, seed=seed, steps=steps, guidance=guidance,
-                              references=references, image=image, mask=mask, strength=strength)
+                              references=references, image=image, mask=mask, strength=strength,
+                              padding_mask_crop=padding_mask_crop)
         return self.infer({name: array for name, (_, array) in arrays.items()})
 
     def __repr__(self) -> str:

@@ -31,6 +31,12 @@ was run once, bench/results/ has the report):
 mallopt is process-wide: in Triton each instance is its own stub process, so it touches that instance only;
 in DirectPipeline it applies to the calling process, as it must for the two to run alike. Where the C
 library is not glibc (no mallopt) nothing is changed and `describe()` says so.
+
+Huge pages, measured and not taken: glibc's `glibc.malloc.hugetlb=1` tunable (an environment variable, read
+when a process starts) in tritonserver's environment, so every stub had it, put 1.3 GB of each VAE instance's
+heap on transparent huge pages ("madvise" mode) but its peak stayed where it was (1,577-1,581 MB against
+1,576-1,597 MB without, after 1568x672 and 672x1568; in-process 1,325 against 1,323 MB), and served/in-process
+times did not move beyond this host's noise (bench/results/2026-12-03-cpu-hugetlb-and-torch-leaves.md).
 """
 
 from __future__ import annotations

@@ -36,8 +36,10 @@ Decisions beyond the contract's table:
   The mask must have the image's size as sent; it is binarized as the pipeline's mask processor does
   (grayscale, then >= 0.5 of 255 repaints). Without a mask the whole picture is repainted (the pipeline
   with an all-white mask). The image rides as the first condition, so at most 3 references go with it.
-  `padding_mask_crop` is refused: the pipeline pastes its result back into the picture after decoding,
-  a step this ensemble does not have.
+  `padding_mask_crop` (>= 0, with a mask that has a non-zero pixel) inpaints the box around the mask as the
+  pipeline does (flux2_klein/mask_crop.py): the box is found on the mask at the output size, picture and mask
+  are cut to it and scaled back to the output size, and after decoding the `postprocess` model pastes the
+  result into the picture; the answer keeps the output size.
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ from typing import Mapping
 import numpy as np
 
 from flux2_klein.contract import (
-    DATATYPES, DEFAULT_STRENGTH, INPUTS, MAX_STEPS, MIN_STEPS, Defaults, size_for_reference, strength_steps,
+    DEFAULT_STRENGTH, INPUTS, MAX_STEPS, MIN_STEPS, Defaults, size_for_reference, strength_steps,
 )
+from flux2_klein.dtypes import DATATYPES
 from flux2_klein.sizes import (
     MAX_REFERENCES,
     PIXELS_PER_TOKEN_SIDE,
@@ -72,21 +75,10 @@ from flux2_klein.sizes import (
 MAX_DECODE_PIXELS = 64 * 1024 * 1024
 REFERENCE_FORMATS = ("PNG", "JPEG", "WEBP")
 
-# Triton's names for the numpy dtypes its backends hand over.
-_TRITON_DTYPES = {
-    np.dtype(np.bool_): "BOOL",
-    np.dtype(np.uint8): "UINT8",
-    np.dtype(np.uint16): "UINT16",
-    np.dtype(np.uint32): "UINT32",
-    np.dtype(np.uint64): "UINT64",
-    np.dtype(np.int8): "INT8",
-    np.dtype(np.int16): "INT16",
-    np.dtype(np.int32): "INT32",
-    np.dtype(np.int64): "INT64",
-    np.dtype(np.float16): "FP16",
-    np.dtype(np.float32): "FP32",
-    np.dtype(np.float64): "FP64",
-}
+
+def _kserve_type(dtype: np.dtype) -> str | None:
+    """Triton's (KServe's) name for a numpy dtype its backends hand over (dtypes.py), None for others."""
+    return DATATYPES.get(np.dtype(dtype).name)
 
 
 class InvalidInput(ValueError):
@@ -116,6 +108,10 @@ class Request:
     image: np.ndarray | None = None
     mask: np.ndarray | None = None
     strength: float = DEFAULT_STRENGTH
+    # padding_mask_crop: the box inpainted (left, top, right, bottom) and what is kept of the picture, uint8
+    # RGBA [height, width, 4] (mask_crop.overlay), both for the paste after decoding; None without a crop.
+    crop_box: tuple[int, int, int, int] | None = None
+    overlay: np.ndarray | None = None
 
     @property
     def start_step(self) -> int | None:
@@ -131,7 +127,7 @@ def _describe(array: np.ndarray) -> str:
     if dtype == np.object_ or dtype.kind in ("S", "U"):
         name = "BYTES"
     else:
-        name = _TRITON_DTYPES.get(dtype, str(dtype))
+        name = _kserve_type(dtype) or str(dtype)
     return f"{name} {list(array.shape)}"
 
 
@@ -144,7 +140,7 @@ def _check(name: str, value, expected: str, shape_ok) -> np.ndarray:
     if expected == "BYTES":
         type_ok = dtype == np.object_ or dtype.kind in ("S", "U")
     else:
-        type_ok = _TRITON_DTYPES.get(dtype) == expected
+        type_ok = _kserve_type(dtype) == expected
     if not type_ok or not shape_ok(value.shape):
         raise InvalidInput(name, f"expected {want}, got {_describe(value)}")
     return value
@@ -199,9 +195,11 @@ def parse_prompt(value: np.ndarray | None) -> str:
     return text
 
 
-def parse_request(inputs: Mapping[str, np.ndarray | None], defaults: Defaults | None = None) -> Request:
+def parse_request(inputs: Mapping[str, np.ndarray | None], defaults: Defaults | None = None, *,
+                  crop_served: bool = True) -> Request:
     """Validate a request's tensors, apply `defaults` (see `Defaults.for_checkpoint`) and decode the
-    reference images. Inputs that are absent may be missing from `inputs` or map to None."""
+    reference images. Inputs that are absent may be missing from `inputs` or map to None. `crop_served`:
+    whether the repository pastes a padding_mask_crop result back (built with --padding-mask-crop)."""
     defaults = defaults or Defaults()
     prompt = parse_prompt(inputs.get("prompt"))
 
@@ -246,12 +244,19 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], defaults: Defaults | 
                                        f"the last int(steps * strength) of them, at least 1); raise strength "
                                        "or num_inference_steps")
     if padding_mask_crop is not None:
-        raise InvalidInput("padding_mask_crop", "not supported by this server: the pipeline pastes its result "
-                                                "back into the picture after decoding, a step it does not have")
+        if not crop_served:
+            raise InvalidInput("padding_mask_crop", "not served by this repository: it was built without the "
+                                                    "paste back after decoding; rebuild with `flux2-klein build "
+                                                    "--padding-mask-crop` (one more model in every request's path)")
+        padding_mask_crop = int(padding_mask_crop)
+        if mask_value is None:
+            raise InvalidInput("padding_mask_crop", "needs `mask_image`: the box is cut around the mask")
+        if padding_mask_crop < 0:
+            raise InvalidInput("padding_mask_crop", f"must be >= 0 (pixels around the mask), got {padding_mask_crop}")
 
     limit = MAX_REFERENCES - 1 if image_value is not None else MAX_REFERENCES
     references, sizes = _parse_references(inputs.get("reference_images"), limit)
-    image = mask = None
+    image = mask = crop = None
     if image_value is not None:
         picture = _open_single(image_value, "init_image")
         if size_from_reference:  # the picture being changed decides, as the first reference does for an edit
@@ -262,12 +267,13 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], defaults: Defaults | 
             if mask_pic.size != picture.size:
                 raise InvalidInput("mask_image", f"{mask_pic.width}x{mask_pic.height} is not init_image's size "
                                                  f"{picture.width}x{picture.height}; send a mask of the image's size")
-        image, mask = prepare_image(picture, mask_pic, (width, height))
+        image, mask, crop = prepare_image(picture, mask_pic, (width, height), padding_mask_crop)
     elif size_from_reference and sizes:
         width, height = size_for_reference(*sizes[0])
     return Request(
         prompt=prompt, width=width, height=height, seed=seed, num_inference_steps=steps,
         guidance_scale=guidance, references=references, image=image, mask=mask, strength=strength,
+        crop_box=None if crop is None else crop[0], overlay=None if crop is None else crop[1],
     )
 
 
@@ -341,26 +347,41 @@ def _open_single(value: np.ndarray, name: str, limits: bool = True):
     return image
 
 
-def prepare_image(picture, mask, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+def prepare_image(picture, mask, size: tuple[int, int], padding_mask_crop: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray | None, tuple | None]:
     """The inpaint pipeline's `image` and `mask_image` at `size` (width, height), one of the 17 sizes:
-    uint8 [H, W, 3] and float32 [H, W] of 0/1 (None without a mask).
+    uint8 [H, W, 3] and float32 [H, W] of 0/1 (None without a mask), and with `padding_mask_crop` the
+    (box, overlay) the paste after decoding needs (mask_crop.py), else None.
 
     Both are first resized to `size` unless they have it (Lanczos, in their decoded mode). From there it is
     the pipeline's step 2 for an image that needs no shrinking: `image_processor.preprocess(resize_mode=
     "default")` resizes to the same size (nothing) and converts to RGB; `mask_processor.preprocess` converts
     to grayscale, scales to 0..1 in float32 and binarizes (< 0.5 -> 0, >= 0.5 -> 1), diffusers v0.42.1
-    image_processor.py `VaeImageProcessor.preprocess` / `binarize`."""
+    image_processor.py `VaeImageProcessor.preprocess` / `binarize`. With a crop both are first cut to the
+    box and scaled into the size with `resize_mode="fill"`."""
     from PIL import Image
+
+    from . import mask_crop
 
     if picture.size != size:
         picture = picture.resize(size, Image.Resampling.LANCZOS)
-    image = np.ascontiguousarray(np.asarray(picture.convert("RGB"), dtype=np.uint8))
     if mask is None:
-        return image, None
+        return np.ascontiguousarray(np.asarray(picture.convert("RGB"), dtype=np.uint8)), None, None
     if mask.size != size:
         mask = mask.resize(size, Image.Resampling.LANCZOS)
-    gray = np.asarray(mask.convert("L")).astype(np.float32) / np.float32(255.0)
-    return image, np.where(gray >= 0.5, np.float32(1), np.float32(0)).astype(np.float32)
+    crop = None
+    cut_picture, cut_mask = picture, mask
+    if padding_mask_crop is not None:
+        if not mask_crop.has_region(mask):
+            raise InvalidInput("padding_mask_crop", "the mask is black everywhere (it repaints nothing), so there "
+                                                    "is no box to cut around it")
+        box = mask_crop.crop_region(mask, *size, padding_mask_crop)
+        cut_picture = mask_crop.fill_resize(picture.crop(box), *size)
+        cut_mask = mask_crop.fill_resize(mask.crop(box), *size)
+        crop = (box, mask_crop.overlay(picture, mask))
+    image = np.ascontiguousarray(np.asarray(cut_picture.convert("RGB"), dtype=np.uint8))
+    gray = np.asarray(cut_mask.convert("L")).astype(np.float32) / np.float32(255.0)
+    return image, np.where(gray >= 0.5, np.float32(1), np.float32(0)).astype(np.float32), crop
 
 
 def decode_reference(data: bytes, index: int) -> np.ndarray:
@@ -447,29 +468,3 @@ class PromptTokenizer:
         if not hasattr(self, "_negative"):
             self._negative = self.encode("")  # always "" for klein: tokenized once
         return np.concatenate([ids, self._negative[0]]), np.concatenate([mask, self._negative[1]])
-
-
-# ---------------------------------------------------------------------- between preprocess and sampler
-
-
-def pack_references(references: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """A variable number of differently sized images as two tensors a Triton ensemble can carry:
-    every image's bytes end to end (uint8 [total]) and their (height, width) (int32 [n, 2])."""
-    shapes = np.array([r.shape[:2] for r in references], dtype=np.int32).reshape(len(references), 2)
-    pixels = (np.concatenate([r.reshape(-1) for r in references]) if references
-              else np.zeros((0,), dtype=np.uint8))
-    return pixels, shapes
-
-
-def unpack_references(pixels: np.ndarray, shapes: np.ndarray) -> list[np.ndarray]:
-    """Inverse of `pack_references`: views into `pixels`, uint8 [H, W, 3] each."""
-    out, start = [], 0
-    for height, width in np.asarray(shapes).reshape(-1, 2):
-        n = int(height) * int(width) * 3
-        if start + n > pixels.size:
-            raise ValueError(f"reference_pixels: {pixels.size} bytes, shapes need more than {start + n}")
-        out.append(pixels[start:start + n].reshape(int(height), int(width), 3))
-        start += n
-    if start != pixels.size:
-        raise ValueError(f"reference_pixels: {pixels.size} bytes, shapes account for {start}")
-    return out

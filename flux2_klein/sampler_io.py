@@ -1,7 +1,8 @@
 """What preprocess hands the sampler for one request, and how the sampler reads it back: no transport here.
 
 The sampler is a batching Triton model, so each of these tensors carries a leading batch dimension of 1
-(`SAMPLER_INPUTS` in triton_config.py states the names and shapes without it). The guidance decision is
+(`SAMPLER_INPUTS` in triton_config.py states the names, dtypes and shapes without it; `pack` follows it).
+References of different sizes travel as one byte run and their shapes (`pack_references`). The guidance decision is
 made once, in preprocess, and travels as the named flag `guided`; under guidance the sampler also gets the
 empty negative prompt's tokens, which it encodes once and keeps. With an `image` (inpainting, image-to-image)
 the picture travels as its pixels at the output size and the mask as the pipeline's per-token mask (computed
@@ -15,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .contract import strength_steps
-from .request import pack_references, unpack_references
 from .sampling import Shape, mask_tokens
 from .sizes import latent_grid
+from .triton_config import SAMPLER_INPUTS
 
 
 @dataclass
@@ -52,25 +53,19 @@ def pack(req, guided: bool, negative: tuple[np.ndarray, np.ndarray]) -> dict[str
 
     `negative` is the empty prompt's (input_ids, attention_mask), [1, 512] each."""
     pixels, shapes = pack_references(req.references)
-    one = lambda value, dtype: np.array([[value]], dtype=dtype)  # noqa: E731
     ids, mask = negative
-    return {
-        "height": one(req.height, np.int32),
-        "width": one(req.width, np.int32),
-        "seed": one(req.seed, np.int64),
-        "num_inference_steps": one(req.num_inference_steps, np.int32),
-        "guidance_scale": one(req.guidance_scale, np.float32),
-        "guided": one(guided, np.bool_),
-        "reference_pixels": pixels[None],
-        "reference_shapes": shapes[None],
-        "negative_input_ids": ids.reshape(1, -1).astype(np.int64, copy=False),
-        "negative_attention_mask": mask.reshape(1, -1).astype(np.int64, copy=False),
-        "image_pixels": (np.zeros((1, 0), np.uint8) if req.image is None
-                         else np.ascontiguousarray(req.image, dtype=np.uint8).reshape(1, -1)),
-        "mask_tokens": (np.zeros((1, 0), np.float32) if req.mask is None
-                        else mask_tokens(req.mask).numpy().reshape(1, -1)),
-        "strength": one(req.strength, np.float32),
+    values = {
+        "height": req.height, "width": req.width, "seed": req.seed, "num_inference_steps": req.num_inference_steps,
+        "guidance_scale": req.guidance_scale, "guided": guided, "strength": req.strength,
+        "reference_pixels": pixels, "reference_shapes": shapes,
+        "negative_input_ids": ids.reshape(-1), "negative_attention_mask": mask.reshape(-1),
+        "image_pixels": np.zeros(0, np.uint8) if req.image is None else np.ascontiguousarray(req.image).reshape(-1),
+        "mask_tokens": (np.zeros(0, np.float32) if req.mask is None
+                        else mask_tokens(req.mask).numpy().reshape(-1)),
     }
+    # The names, dtypes and order are SAMPLER_INPUTS' (triton_config.py, the sampler's config), stated there once.
+    return {t.name: np.asarray(values[t.name], dtype=t.dtype).reshape(1, *np.shape(values[t.name]) or (1,))
+            for t in SAMPLER_INPUTS}
 
 
 def unpack(arrays: dict[str, np.ndarray]) -> SamplerRequest:
@@ -100,3 +95,29 @@ def _picture(arrays: dict[str, np.ndarray], width: int, height: int) -> dict:
         raise ValueError(f"mask_tokens: {tokens.size} values, a {cols}x{rows} token grid has {rows * cols}")
     return {"image": pixels.reshape(height, width, 3), "mask": tokens if tokens.size else None,
             "strength": float(arrays["strength"].reshape(-1)[0])}
+
+
+# ------------------------------------------------------------------------------ references, packed
+
+
+def pack_references(references: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """A variable number of differently sized images as two tensors a Triton ensemble can carry:
+    every image's bytes end to end (uint8 [total]) and their (height, width) (int32 [n, 2])."""
+    shapes = np.array([r.shape[:2] for r in references], dtype=np.int32).reshape(len(references), 2)
+    pixels = (np.concatenate([r.reshape(-1) for r in references]) if references
+              else np.zeros((0,), dtype=np.uint8))
+    return pixels, shapes
+
+
+def unpack_references(pixels: np.ndarray, shapes: np.ndarray) -> list[np.ndarray]:
+    """Inverse of `pack_references`: views into `pixels`, uint8 [H, W, 3] each."""
+    out, start = [], 0
+    for height, width in np.asarray(shapes).reshape(-1, 2):
+        n = int(height) * int(width) * 3
+        if start + n > pixels.size:
+            raise ValueError(f"reference_pixels: {pixels.size} bytes, shapes need more than {start + n}")
+        out.append(pixels[start:start + n].reshape(int(height), int(width), 3))
+        start += n
+    if start != pixels.size:
+        raise ValueError(f"reference_pixels: {pixels.size} bytes, shapes account for {start}")
+    return out

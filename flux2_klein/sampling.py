@@ -3,7 +3,7 @@
 The Triton "sampler" model wraps this module; the DiT and the VAE live in other models and are reached
 through callables. Everything here reproduces diffusers' `Flux2KleinPipeline.__call__` (v0.42.1) and the
 `FlowMatchEulerDiscreteScheduler` it drives, bit for bit where the pipeline is deterministic: the sigma
-schedule, the initial noise, the position ids, the Euler update and the guidance combination. The only
+schedule, the initial noise, the position ids (position_ids.py), the Euler update and the guidance combination. The only
 difference from the pipeline is that classifier-free guidance runs the transformer once with a batch of
 two (conditional, unconditional) rather than twice with a batch of one.
 
@@ -33,15 +33,12 @@ import numpy as np
 import torch
 
 from flux2_klein.contract import strength_steps  # noqa: F401 - the loop's cut, stated with the contract
-from flux2_klein.sizes import PIXELS_PER_TOKEN_SIDE, TEXT_TOKENS, latent_grid
+from flux2_klein.position_ids import latent_ids, reference_ids, text_ids  # the pipeline's, bit for bit
+from flux2_klein.sizes import PIXELS_PER_TOKEN_SIDE, latent_grid
 
 # The pipeline hands the transformer `timestep / 1000` with a literal 1000, whatever the scheduler's
 # num_train_timesteps; the transformer multiplies by 1000 again inside.
 TRANSFORMER_TIMESTEP_DIVISOR = np.float32(1000.0)
-
-# `_prepare_image_ids(scale=10)`: the i-th reference image sits at t = 10 + 10 * i; the noise tokens and
-# the text are at t = 0.
-REFERENCE_T_SCALE = 10
 
 # diffusers' FlowMatchEulerDiscreteScheduler.__init__ defaults: a scheduler_config.json that leaves a key
 # out gets these, exactly as `FlowMatchEulerDiscreteScheduler.from_config` would.
@@ -230,42 +227,6 @@ def tokens_to_grid(tokens: np.ndarray | torch.Tensor, width: int, height: int) -
         raise ValueError(f"{tokens.shape[0]} tokens do not fill a {rows}x{cols} grid for {width}x{height}")
     grid = tokens.reshape(rows, cols, tokens.shape[1])
     return grid.contiguous() if isinstance(grid, torch.Tensor) else np.ascontiguousarray(grid)
-
-
-# ------------------------------------------------------------------------------------------ position ids
-
-
-def _grid_ids(t: int, rows: int, cols: int) -> np.ndarray:
-    """(t, row, col, 0) for every cell of a rows x cols grid, row-major: torch.cartesian_prod's order."""
-    r, c = np.meshgrid(np.arange(rows, dtype=np.int64), np.arange(cols, dtype=np.int64), indexing="ij")
-    ids = np.zeros((rows * cols, 4), dtype=np.int64)
-    ids[:, 0] = t
-    ids[:, 1] = r.ravel()
-    ids[:, 2] = c.ravel()
-    return ids
-
-
-def latent_ids(width: int, height: int) -> np.ndarray:
-    """Noise-token ids, int64 [h*w, 4]: (0, row, col, 0) (`_prepare_latent_ids`)."""
-    rows, cols = latent_grid(width, height)
-    return _grid_ids(0, rows, cols)
-
-
-def reference_ids(grids: Sequence[tuple[int, int]]) -> np.ndarray:
-    """Reference-token ids, int64 [sum h_i*w_i, 4]: (10 + 10*i, row, col, 0) (`_prepare_image_ids`).
-
-    `grids` are the (rows, cols) token grids of the references in order. Each reference has its own t, so
-    the DiT's rotary embedding tells the references apart and from the image being generated (t = 0).
-    """
-    parts = [_grid_ids(REFERENCE_T_SCALE + REFERENCE_T_SCALE * i, r, c) for i, (r, c) in enumerate(grids)]
-    return np.concatenate(parts) if parts else np.zeros((0, 4), dtype=np.int64)
-
-
-def text_ids(length: int = TEXT_TOKENS) -> np.ndarray:
-    """Text-token ids, int64 [length, 4]: (0, 0, 0, l) for l in 0..length-1 (`_prepare_text_ids`)."""
-    ids = np.zeros((length, 4), dtype=np.int64)
-    ids[:, 3] = np.arange(length, dtype=np.int64)
-    return ids
 
 
 # --------------------------------------------------------------------------------------- step and guidance

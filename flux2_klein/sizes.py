@@ -7,6 +7,7 @@ ONNX sample shapes, the TensorRT profiles and the Triton validation together.
 from __future__ import annotations
 
 import math
+import re
 
 # (width, height), as CONTRACT.md section 3 lists them: about one megapixel each, sides multiples of 16.
 SIZES: tuple[tuple[int, int], ...] = (
@@ -51,10 +52,24 @@ def reference_token_bounds() -> tuple[int, int]:
     return side * side, REFERENCE_MAX_AREA // PIXELS_PER_TOKEN_SIDE**2
 
 
+_SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+
+
 def parse_size(text: str, field: str = "size") -> tuple[int, int]:
-    """"WIDTHxHEIGHT" -> (width, height); any size, checked against SIZES where that matters."""
+    """"WIDTHxHEIGHT" in pixels, both sides positive ("1024x1024", " 944 X 1104 ") -> (width, height); any
+    size, checked against SIZES where that matters. ValueError naming `field` otherwise."""
+    m = _SIZE.match(text)
+    if not m or int(m.group(1)) <= 0 or int(m.group(2)) <= 0:
+        raise ValueError(f"{field}: {text!r} is not WIDTHxHEIGHT in pixels (e.g. 1024x1024)")
+    return int(m.group(1)), int(m.group(2))
+
+
+def size_argument(text: str) -> tuple[int, int]:
+    """parse_size as an argparse type: its message becomes argparse's (a ValueError would become
+    "invalid value")."""
+    import argparse
+
     try:
-        width, height = (int(v) for v in text.strip().lower().split("x"))
-    except ValueError:
-        raise ValueError(f"{field}: {text!r} is not WIDTHxHEIGHT (e.g. 1024x1024)") from None
-    return width, height
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .checkpoint import TEXT_ENCODER_OUT_LAYERS, Checkpoint
+from .position_ids import latent_ids, reference_ids, text_ids
 from .sizes import (
     MAX_REFERENCES, PIXELS_PER_TOKEN_SIDE, REFERENCE_MAX_AREA, REFERENCE_MAX_SIDE, REFERENCE_MIN_SIDE, SIZES,
     TEXT_TOKENS,
@@ -226,19 +227,6 @@ def network_specs(ckpt: Checkpoint) -> dict[str, NetworkSpec]:
 
 # -- example inputs: valid values for export tracing and for parity tests -------------------------
 
-def text_ids() -> np.ndarray:
-    ids = np.zeros((TEXT_TOKENS, 4), dtype=np.int64)
-    ids[:, 3] = np.arange(TEXT_TOKENS)
-    return ids
-
-
-def grid_ids(rows: int, cols: int, t: int = 0) -> np.ndarray:
-    r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-    ids = np.zeros((rows * cols, 4), dtype=np.int64)
-    ids[:, 0], ids[:, 1], ids[:, 2] = t, r.ravel(), c.ravel()
-    return ids
-
-
 def example_inputs(spec: NetworkSpec, rng: np.random.Generator, *, batch: int = 2,
                    size: tuple[int, int] = (1024, 1024), references: tuple[tuple[int, int], ...] = ()
                    ) -> dict[str, np.ndarray]:
@@ -253,9 +241,7 @@ def example_inputs(spec: NetworkSpec, rng: np.random.Generator, *, batch: int = 
             mask[b, : 20 + 7 * b] = 1
         return {"input_ids": ids, "attention_mask": mask}
     if spec.name == "transformer":
-        ids = [grid_ids(rows, cols)] + [grid_ids(*latent_grid(w, h), t=10 + 10 * i)
-                                        for i, (w, h) in enumerate(references)]
-        img_ids = np.concatenate(ids)
+        img_ids = np.concatenate([latent_ids(*size), reference_ids([latent_grid(w, h) for w, h in references])])
         c = spec.config["channels"]
         return {
             "hidden_states": rng.standard_normal((batch, len(img_ids), c), dtype=np.float32),

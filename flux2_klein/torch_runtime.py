@@ -1,12 +1,12 @@
-"""The PyTorch leaves' runtime: a network's export wrapper with FP8 GEMMs (torchao), torch.compile, and every
-shape it serves warmed while it loads, so that no request pays for a compile. No transport here: the Triton
+"""The PyTorch leaves' runtime: a network's wrapper (networks.py) with FP8 GEMMs (torchao), torch.compile, and
+every shape it serves warmed while it loads, so that no request pays for a compile. No transport here: the Triton
 glue (model_repository/torch_leaf.py), the GPU tests and the benchmark call it.
 
 FP8: torchao's float8 inference (`Float8DynamicActivationFloat8WeightConfig`, per-row scales): weights in
 E4M3 with a scale per output row, computed once at load; activations quantized on the fly with a scale per
 token row, so no calibration set is needed and no scale goes stale. The GEMMs run on FP8 tensor cores
 (compute capability 8.9+: Ada, Hopper); torchao refuses elsewhere, and so does this module, by name. The DiT
-keeps in BF16 exactly the layers `export fp8` keeps there (export/fp8.py KEEP_HIGH_PRECISION); the text
+keeps in BF16 exactly the layers `export fp8` keeps there (networks.py KEEP_HIGH_PRECISION); the text
 encoder quantizes its decoder layers' projections only.
 
 Compile: dynamic shapes for the networks whose shapes vary between requests (the DiT's token count and
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .dtypes import torch_dtype
 from .leaf_timing import LeafMonitor, compile_count
 from .repository import COMPILE_MODES
 from .sizes import MAX_REFERENCES, SIZES, parse_size
@@ -47,9 +48,6 @@ FP8_NETWORKS = ("transformer", "text_encoder")
 DYNAMIC = ("transformer", "vae_decoder", "vae_encoder")
 # torch.compile's backend; tests set "eager" (dynamo and its guards, no code generation).
 COMPILE_BACKEND_ENV = "FLUX2_KLEIN_COMPILE_BACKEND"
-# Spec dtype names -> torch dtypes (what a leaf's Triton config declares, hence what it is sent).
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8, "bool": torch.bool}
 
 # Inductor, chosen on purpose and set in one place for our leaves and the diffusers baseline alike.
 # torchao's quantize_ would otherwise set its own for the whole process: every float8 config defaults to
@@ -69,7 +67,7 @@ COMPILING_PROCESSES = 4
 def fp8_layers(network: str, root: nn.Module) -> list[str]:
     """Names (relative to `root`, the raw diffusers / transformers module) of the Linear layers that take FP8."""
     if network == "transformer":
-        from .export.fp8 import KEEP_HIGH_PRECISION
+        from .networks import KEEP_HIGH_PRECISION
 
         keep = lambda name: any(fnmatch.fnmatch(name, p) for p in KEEP_HIGH_PRECISION)  # noqa: E731
         return [n for n, m in root.named_modules() if isinstance(m, nn.Linear) and not keep(n)]
@@ -79,7 +77,8 @@ def fp8_layers(network: str, root: nn.Module) -> list[str]:
 
 
 def fp8_root(wrapper: nn.Module, network: str) -> nn.Module:
-    """The raw diffusers / transformers module inside an export wrapper (what fp8_layers names are relative to)."""
+    """The raw diffusers / transformers module inside a wrapper of networks.py (what fp8_layers names are relative
+    to)."""
     return wrapper.transformer if network == "transformer" else wrapper.model
 
 
@@ -199,7 +198,7 @@ def as_served(example: dict[str, np.ndarray], spec, device: torch.device) -> lis
     """Example arrays as the tensors a request brings: each input in its spec dtype, on `device`. Call it in
     inference mode, as the leaf reads a request's inputs (from DLPack, inside torch.inference_mode: inference
     tensors): dynamo guards on a tensor's dispatch keys, and an ordinary tensor's differ."""
-    return [torch.from_numpy(example[t.name]).to(device=device, dtype=TORCH_DTYPES[t.dtype]) for t in spec.inputs]
+    return [torch.from_numpy(example[t.name]).to(device=device, dtype=torch_dtype(t.dtype)) for t in spec.inputs]
 
 
 @torch.inference_mode()
@@ -241,16 +240,16 @@ class Leaf:
 def load_leaf(checkpoint: str, network: str, *, dtype: str, device: torch.device, fp8: bool = False,
               compile_mode: str = "", warm_shapes: WarmShapes = WarmShapes(),
               input_dtypes: dict[str, str] | None = None) -> Leaf:
-    """The network's export wrapper on `device`: weights in `dtype`, FP8 GEMMs if asked, compiled if asked,
+    """The network's wrapper (networks.py) on `device`: weights in `dtype`, FP8 GEMMs if asked, compiled if asked,
     warmed on `warm_shapes` with its inputs in `input_dtypes` (name -> spec dtype name, the leaf's Triton
     config; default the spec's float32 boundary)."""
     from .checkpoint import load_checkpoint
-    from .export.onnx_export import DTYPES, load_wrapper
+    from .networks import load_wrapper
     from .specs import network_specs
 
     start = time.perf_counter()
     ckpt = load_checkpoint(checkpoint)
-    module = load_wrapper(ckpt, network, DTYPES[dtype]).to(device).requires_grad_(False)
+    module = load_wrapper(ckpt, network, torch_dtype(dtype)).to(device).requires_grad_(False)
     notes = [f"{dtype} on {device}"]
     if fp8:
         chosen = fp8_layers(network, fp8_root(module, network))

@@ -11,13 +11,10 @@ import json
 from dataclasses import dataclass
 
 from .contract import INPUTS, MODEL_NAME, OUTPUT
+from .dtypes import TRITON_TYPES
 from .sizes import TEXT_TOKENS
 from .specs import NetworkSpec, Tensor
-
-TRITON_TYPES = {
-    "float32": "TYPE_FP32", "int64": "TYPE_INT64", "int32": "TYPE_INT32", "uint8": "TYPE_UINT8",
-    "bytes": "TYPE_STRING", "bfloat16": "TYPE_BF16", "float16": "TYPE_FP16", "bool": "TYPE_BOOL",
-}
+from .stages import ENSEMBLE_STAGES
 
 ENSEMBLE = MODEL_NAME
 
@@ -50,6 +47,10 @@ SAMPLER_INPUTS = (
 # References differ in size from request to request: the batcher may still put them in one execute()
 # (the sampler groups by shape itself).
 RAGGED = ("reference_pixels", "reference_shapes", "image_pixels", "mask_tokens")
+# What preprocess hands the postprocess model (padding_mask_crop, flux2_klein/mask_crop.py): the box inpainted
+# and what is kept of the picture (RGBA); without a crop an empty overlay, and the image passes unchanged.
+POSTPROCESS_MODEL = "postprocess"
+POSTPROCESS_INPUTS = (Tensor("crop_box", "int32", (4,)), Tensor("overlay", "uint8", ("height", "width", 4)))
 # preprocess's word to the guardrail's output check (the safety model, when the repository has one).
 CHECK_OUTPUT = Tensor("check_output", "bool", (1,))
 SAFETY_MODEL = "safety"
@@ -178,9 +179,18 @@ def preprocess_config(text_encoder: NetworkSpec, instances: Instances, params: d
     inputs = [t for t, _ in API_INPUTS]
     optional = tuple(t.name for t, opt in API_INPUTS if opt)
     # Host work (tokenizing, decoding images) whatever the leaves run on.
-    outputs = list(text_encoder.inputs) + [_with_batch(t) for t in SAMPLER_INPUTS] + [CHECK_OUTPUT]
+    outputs = (list(text_encoder.inputs) + [_with_batch(t) for t in SAMPLER_INPUTS] + list(POSTPROCESS_INPUTS)
+               + [CHECK_OUTPUT])
     return python_model("preprocess", inputs, outputs,
                         instances=instances.preprocess, kind="KIND_CPU", optional=optional, params=params)
+
+
+def postprocess_config(vae_decoder: NetworkSpec, instances: Instances) -> str:
+    """The decoded image's last step: pasted back into the picture for a padding_mask_crop request, else
+    answered as it is. Host work (Pillow), as many instances as preprocess."""
+    (image,) = vae_decoder.outputs
+    return python_model(POSTPROCESS_MODEL, (image, *POSTPROCESS_INPUTS), (image,),
+                        instances=instances.preprocess, kind="KIND_CPU")
 
 
 def sampler_config(text_encoder: NetworkSpec, vae_decoder: NetworkSpec, instances: Instances,
@@ -197,30 +207,40 @@ def sampler_config(text_encoder: NetworkSpec, vae_decoder: NetworkSpec, instance
                         ragged=RAGGED, extra=delay)
 
 
-def ensemble_config(specs: dict[str, NetworkSpec], safety: bool = False) -> str:
-    """preprocess -> text_encoder -> sampler -> vae_decoder, and with `safety` the guardrail's output-image
-    check (flux2_klein/guardrail) as the last step."""
+def ensemble_config(specs: dict[str, NetworkSpec], safety: bool = False, postprocess: bool = False) -> str:
+    """preprocess -> text_encoder -> sampler -> vae_decoder, with `postprocess` padding_mask_crop's paste
+    back after it, and with `safety` the guardrail's output-image check (flux2_klein/guardrail) last."""
     te, dec = specs["text_encoder"], specs["vae_decoder"]
     # preprocess's check_output reaches the ensemble only when a safety step reads it (an unused ensemble
     # tensor fails the model's load).
-    internal = {t.name: f"request_{t.name}" for t in (*SAMPLER_INPUTS, *((CHECK_OUTPUT,) if safety else ()))}
+    internal = {t.name: f"request_{t.name}" for t in (*SAMPLER_INPUTS, *(POSTPROCESS_INPUTS if postprocess else ()),
+                                                       *((CHECK_OUTPUT,) if safety else ()))}
+    (decoded,) = dec.outputs
+    stages = [s for s in ENSEMBLE_STAGES if s != POSTPROCESS_MODEL or postprocess]
+    # The image's name after each stage that makes one: the last answers the ensemble's `image`.
+    after = {"vae_decoder": "decoded_image", POSTPROCESS_MODEL: "final_image"}
+    if not safety:
+        after[stages[-1]] = API_OUTPUT.name
 
     def step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> str:
         ins = " ".join(f'input_map {{ key: "{k}" value: "{v}" }}' for k, v in inputs.items())
         outs = " ".join(f'output_map {{ key: "{k}" value: "{v}" }}' for k, v in outputs.items())
         return f'  {{ model_name: "{model}" model_version: -1\n    {ins}\n    {outs} }}'
 
-    steps = [
-        step("preprocess", {t.name: t.name for t, _ in API_INPUTS},
-             {**{t.name: t.name for t in te.inputs}, **internal}),
-        step("text_encoder", {t.name: t.name for t in te.inputs}, {t.name: t.name for t in te.outputs}),
-        step("sampler", {**{t.name: t.name for t in te.outputs}, **{t.name: internal[t.name] for t in SAMPLER_INPUTS}},
-             {t.name: t.name for t in dec.inputs}),
-        step("vae_decoder", {t.name: t.name for t in dec.inputs},
-             {dec.outputs[0].name: "decoded_image" if safety else API_OUTPUT.name}),
-    ]
+    # Each stage's tensors; the order is stages.ENSEMBLE_STAGES', stated there once.
+    wiring = {
+        "preprocess": ({t.name: t.name for t, _ in API_INPUTS}, {**{t.name: t.name for t in te.inputs}, **internal}),
+        "text_encoder": ({t.name: t.name for t in te.inputs}, {t.name: t.name for t in te.outputs}),
+        "sampler": ({**{t.name: t.name for t in te.outputs}, **{t.name: internal[t.name] for t in SAMPLER_INPUTS}},
+                    {t.name: t.name for t in dec.inputs}),
+        "vae_decoder": ({t.name: t.name for t in dec.inputs}, {decoded.name: after["vae_decoder"]}),
+        POSTPROCESS_MODEL: ({decoded.name: "decoded_image",
+                             **{t.name: internal.get(t.name, "") for t in POSTPROCESS_INPUTS}},
+                            {decoded.name: after[POSTPROCESS_MODEL]}),
+    }
+    steps = [step(name, *wiring[name]) for name in stages]
     if safety:
-        steps.append(step(SAFETY_MODEL, {"image": "decoded_image", CHECK_OUTPUT.name: internal[CHECK_OUTPUT.name]},
+        steps.append(step(SAFETY_MODEL, {"image": after[stages[-1]], CHECK_OUTPUT.name: internal[CHECK_OUTPUT.name]},
                           {"image": API_OUTPUT.name}))
     optional = tuple(t.name for t, opt in API_INPUTS if opt)
     return "\n".join([

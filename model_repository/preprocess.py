@@ -6,7 +6,7 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from flux2_klein import sampler_io
+from flux2_klein import mask_crop, sampler_io
 from flux2_klein.contract import INPUT_NAMES, Defaults
 from flux2_klein.guardrail import ContentFiltered
 from flux2_klein.guardrail.triton import TritonGuardrail, filtered_response
@@ -20,13 +20,14 @@ class TritonPythonModel:
         config = params(json.loads(args["model_config"]))
         self.is_distilled = config["is_distilled"] == "true"
         self.defaults = Defaults.for_checkpoint(self.is_distilled)
+        self.crop_served = config.get("padding_mask_crop") == "true"  # the postprocess model's paste back
         self.tokenizer = PromptTokenizer(os.path.join(args["model_repository"], args["model_version"], "tokenizer"))
         self.negative = self.tokenizer.encode("")  # klein's negative prompt is always "": tokenized once
         self.guard = TritonGuardrail(args, stages=("prompt", "reference"))
 
     def _outputs(self, request):
         inputs = {name: get_numpy(request, name) for name in INPUT_NAMES}
-        req = parse_request(inputs, self.defaults)
+        req = parse_request(inputs, self.defaults, crop_served=self.crop_served)
         disable = inputs["disable_safety_checker"] is not None and bool(inputs["disable_safety_checker"].reshape(-1)[0])
         # Before any GPU work: a refused prompt or reference costs no text encoder or DiT time.
         pictures = req.references if req.image is None else [req.image, *req.references]  # the picture too
@@ -36,6 +37,7 @@ class TritonPythonModel:
         message = sampler_io.pack(req, guided, self.negative)
         return [to_triton("input_ids", ids), to_triton("attention_mask", mask),
                 *(to_triton(name, value) for name, value in message.items()),
+                *(to_triton(name, value) for name, value in mask_crop.pack(req.crop_box, req.overlay).items()),
                 to_triton("check_output", np.array([check_output]))]
 
     def execute(self, requests):

@@ -15,9 +15,10 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from flux2_klein import sampler_io
-from flux2_klein.export.onnx_export import DTYPES
+from flux2_klein.dtypes import torch_dtype
 from flux2_klein.ort_session import one_torch_thread
 from flux2_klein.sampling import Job, plan_batches, sample_batch
+from flux2_klein.stages import encode_conditions
 from flux2_klein.triton_config import SAMPLER_INPUTS
 from flux2_klein.triton_tensors import bls, error_response, get_input, get_numpy, params, to_triton
 
@@ -28,7 +29,7 @@ class TritonPythonModel:
         self.scheduler_config = json.loads(config["scheduler_config"])
         self.channels = int(config["channels"])
         self.max_rows = int(config["max_dit_rows"])
-        self.dit_dtype = DTYPES[config.get("dit_dtype", "fp32")]  # the DiT's hidden/encoder state boundary
+        self.dit_dtype = torch_dtype(config.get("dit_dtype", "fp32"))  # the DiT's hidden/encoder state boundary
         gpu = args["model_instance_kind"] == "GPU"
         self.device = f"cuda:{args['model_instance_device_id']}" if gpu else "cpu"
         if not gpu:
@@ -42,6 +43,10 @@ class TritonPythonModel:
         }, ["velocity"], self.device)
         return velocity
 
+    def _vae_encoder(self, image):
+        (tokens,) = bls("vae_encoder", {"image": torch.from_numpy(image.copy())}, ["tokens"], self.device)
+        return tokens
+
     def _negative(self, req):
         key = req.negative_input_ids.tobytes()
         if key not in self.negatives:
@@ -53,17 +58,11 @@ class TritonPythonModel:
 
     def _job(self, request):
         req = sampler_io.unpack({t.name: get_numpy(request, t.name) for t in SAMPLER_INPUTS})
-        references = []
-        for image in req.references:
-            (tokens,) = bls("vae_encoder", {"image": torch.from_numpy(image.copy())}, ["tokens"], self.device)
-            references.append(tokens)
-        image = mask = None
-        if req.image is not None:  # inpainting / image-to-image: the picture's tokens, and its mask
-            (image,) = bls("vae_encoder", {"image": torch.from_numpy(req.image.copy())}, ["tokens"], self.device)
-            mask = None if req.mask is None else torch.from_numpy(req.mask.copy()).to(self.device)
+        conditions = encode_conditions(req.references, req.image, self._vae_encoder)  # stages.py's order
+        mask = None if req.mask is None else torch.from_numpy(req.mask.copy()).to(self.device)
         embeds = get_input(request, "prompt_embeds").to(self.device)  # [1, 512, D]: a batch of one
         negative = self._negative(req) if req.guided else None
-        return req, Job(embeds, req.seed, req.guidance_scale, negative, references, image, mask)
+        return req, Job(embeds, req.seed, req.guidance_scale, negative, conditions.references, conditions.image, mask)
 
     def _run(self, group, jobs, responses):
         first = jobs[group[0]][0]

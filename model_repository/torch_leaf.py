@@ -1,7 +1,7 @@
 """A leaf network (text_encoder, transformer, vae_decoder, vae_encoder) run by PyTorch.
 
-The module is the export wrapper (`load_wrapper`): the diffusers / transformers network behind the spec's
-exact tensors, so this model is a drop-in for the ONNX Runtime or TensorRT one of the same name. Its
+The module is the network's wrapper (flux2_klein/networks.py): the diffusers / transformers network behind
+the spec's exact tensors, so this model is a drop-in for the ONNX Runtime or TensorRT one of the same name. Its
 weights are read from the checkpoint recorded in the config (nothing is copied into the repository), in
 the config's dtype, onto this instance's device: a GPU instance computes on its GPU and takes and gives
 GPU tensors by DLPack. Thin glue: the wrapper is the logic.
@@ -21,13 +21,18 @@ import sys
 import torch
 import triton_python_backend_utils as pb_utils
 
+from flux2_klein.dtypes import CONFIG_DTYPES, torch_dtype
 from flux2_klein.leaf_timing import TritonMetrics
 from flux2_klein.torch_runtime import WarmShapes, configure_torch, load_leaf
-from flux2_klein.triton_config import TRITON_TYPES
 from flux2_klein.triton_tensors import error_response, get_input, params, to_triton
 
-OUTPUT_DTYPES = {"TYPE_BF16": torch.bfloat16, "TYPE_FP16": torch.float16}
-SPEC_DTYPES = {triton: name for name, triton in TRITON_TYPES.items()}  # TYPE_BF16 -> bfloat16, ...
+
+def _output_dtype(config_type: str):
+    """What a wrapper's answer is cast to before it leaves: the narrower float the config declares (bf16 at the
+    bf16 boundary, fp16), else nothing (the wrappers answer float32, uint8 images, as their export does)."""
+    name = CONFIG_DTYPES[config_type]
+    dtype = None if name == "bytes" else torch_dtype(name)
+    return dtype if dtype is not None and dtype.is_floating_point and dtype.itemsize < 4 else None
 
 
 class TritonPythonModel:
@@ -38,7 +43,7 @@ class TritonPythonModel:
         self.inputs = [t["name"] for t in config["input"]]  # the wrapper's argument order (the spec's)
         self.outputs = [t["name"] for t in config["output"]]
         # The wrappers answer float32 (their export's boundary); a bf16 boundary is declared in the config.
-        self.output_dtypes = [OUTPUT_DTYPES.get(t["data_type"]) for t in config["output"]]
+        self.output_dtypes = [_output_dtype(t["data_type"]) for t in config["output"]]
         gpu = args["model_instance_kind"] == "GPU"
         self.device = torch.device(f"cuda:{args['model_instance_device_id']}" if gpu else "cpu")
         # Triton caches only responses whose tensors are all in host memory: a cached model (the text
@@ -54,7 +59,7 @@ class TritonPythonModel:
                          warm_shapes=WarmShapes.parse(options.get("warm_sizes", ""),
                                                       int(options.get("max_dit_rows", "1")),
                                                       int(options.get("warm_references", "4"))),
-                         input_dtypes={t["name"]: SPEC_DTYPES[t["data_type"]] for t in config["input"]})
+                         input_dtypes={t["name"]: CONFIG_DTYPES[t["data_type"]] for t in config["input"]})
         self.leaf = leaf
         self.metrics = TritonMetrics(pb_utils, self.name, args.get("model_instance_name", self.name))
         leaf.monitor.sink = self.metrics.record

@@ -86,16 +86,17 @@ class ServeCommand(TritonProcess):
         return cls.launch(repo, log_path=Path(log_dir) / "tritonserver.log", timeout_s=timeout_s)
 
 
-def serve_one_batching_sampler(tiny_ckpt, onnx_dir, tmp_path_factory, name: str) -> "ServeCommand":
+def serve_one_batching_sampler(tiny_ckpt, onnx_dir, tmp_path_factory, name: str, **build) -> "ServeCommand":
     """One instance of each model and one sampler that waits up to a second for company (up to 4 requests):
-    concurrent requests share a loop for sure. Batching and inpainting serve it alike."""
+    concurrent requests share a loop for sure. Batching and inpainting serve it alike (`build`: more
+    build_repository options)."""
     from flux2_klein.repository import build_repository
     from flux2_klein.triton_config import Batching, Instances
 
     repo = build_repository(tiny_ckpt, tmp_path_factory.mktemp(name) / "repo", onnx_dir=onnx_dir,
                             instances=Instances(preprocess=2, sampler=1, text_encoder=1, transformer=1,
                                                 vae_decoder=1, vae_encoder=1),
-                            batching=Batching(max_requests=4, queue_delay_us=1_000_000))
+                            batching=Batching(max_requests=4, queue_delay_us=1_000_000), **build)
     return ServeCommand.started(repo, tmp_path_factory.mktemp(f"{name}-logs"))
 
 

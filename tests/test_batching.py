@@ -40,7 +40,7 @@ class TinyDit:
     def __init__(self, ckpt: Path):
         from diffusers import Flux2Transformer2DModel
 
-        from flux2_klein.export.wrappers import TransformerVelocity
+        from flux2_klein.networks import TransformerVelocity
 
         self.module = TransformerVelocity(Flux2Transformer2DModel.from_pretrained(ckpt / "transformer")).eval()
         self.batches = []

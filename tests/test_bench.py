@@ -215,7 +215,8 @@ def test_direct_pipeline_gives_exactly_tritons_image(triton_server, triton_repo)
     pipe = DirectPipeline(triton_repo)
     with Flux2KleinClient(triton_server.grpc_url) as client:
         for kwargs in (dict(width=1024, height=1024, seed=11),
-                       dict(width=1568, height=672, seed=5, references=[buf.getvalue()])):
+                       dict(width=1568, height=672, seed=5, references=[buf.getvalue()]),
+                       dict(width=1248, height=832, seed=3, image=buf.getvalue(), strength=0.7)):  # inpainting
             want = client.generate("a lighthouse at dusk", **kwargs)
             got = pipe.generate("a lighthouse at dusk", **kwargs)
             assert got.dtype == np.uint8 and got.shape == want.shape

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from flux2_klein.client import codecs
-from flux2_klein.client.gateway.body import encode_image, encode_image_async
+from flux2_klein.client.gateway.responses import encode_image, encode_image_async
 from flux2_klein.sizes import SIZES
 
 
@@ -174,7 +174,7 @@ def test_the_answers_json_carries_the_files_as_base64():
     import base64
     import json
 
-    from flux2_klein.client.gateway.body import Base64, ImagesResponse, images_json
+    from flux2_klein.client.gateway.responses import Base64, ImagesResponse, images_json
 
     files = [codecs.encode(picture(40, 30, seed=i), "png") for i in range(2)]
     value = {"created": 1, "data": [{"b64_json": Base64(f), "revised_prompt": None, "seed": 2**40 + i}

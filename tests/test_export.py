@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from flux2_klein.checkpoint import load_checkpoint
-from flux2_klein.specs import example_inputs, grid_ids, network_specs, text_ids
+from flux2_klein.position_ids import grid_ids, text_ids
+from flux2_klein.specs import example_inputs, network_specs
 from flux2_klein.sizes import latent_grid
 from parity import assert_images_close
 

@@ -13,7 +13,8 @@ import pytest
 
 from conftest import ServeCommand
 from flux2_klein.checkpoint import load_checkpoint
-from flux2_klein.export.fp8 import KEEP_HIGH_PRECISION, load_prompts
+from flux2_klein.export.fp8 import load_prompts
+from flux2_klein.networks import KEEP_HIGH_PRECISION
 from flux2_klein.specs import example_inputs, network_specs
 
 pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt not installed")

@@ -104,7 +104,7 @@ def _tokens(pipe, pixels: np.ndarray) -> torch.Tensor:
     return pipe._pack_latents(latents)[0]
 
 
-def _pipeline(pipe, image, mask, strength, reference, seed, steps=4):
+def _pipeline(pipe, image, mask, strength, reference, seed, steps=4, **extra):
     """The oracle's picture and final packed latents [h*w, C]."""
     final = {}
 
@@ -114,7 +114,7 @@ def _pipeline(pipe, image, mask, strength, reference, seed, steps=4):
 
     out = pipe(prompt=PROMPT, image=image, mask_image=mask, image_reference=reference, strength=strength,
                num_inference_steps=steps, guidance_scale=1.0, generator=torch.Generator("cpu").manual_seed(seed),
-               callback_on_step_end=grab).images[0]
+               callback_on_step_end=grab, **extra).images[0]
     return np.asarray(out), final["latents"].numpy()
 
 
@@ -166,13 +166,21 @@ def test_bad_inpaint_inputs_are_refused_by_name():
         (dict(strength=1.5), "strength", "0..1"),
         (dict(strength=float("nan")), "strength", "0..1"),
         (dict(strength=0.0), "strength", "leaves no denoising step"),
-        (dict(padding_mask_crop=np.array([8], np.int32)), "padding_mask_crop", "not supported"),
+        (dict(padding_mask_crop=np.array([8], np.int32)), "padding_mask_crop", "needs `mask_image`"),
+        (dict(mask=png(Image.new("L", (1024, 1024), 255)), padding_mask_crop=np.array([-1], np.int32)),
+         "padding_mask_crop", "must be >= 0"),
+        (dict(mask=png(Image.new("L", (1024, 1024), 0)), padding_mask_crop=np.array([8], np.int32)),
+         "padding_mask_crop", "black everywhere"),
         (dict(references=[png(picture(64, 64, i)) for i in range(4)]), "reference_images", "at most 3"),
     ]
     for kwargs, field, says in cases:
         with pytest.raises(InvalidInput) as caught:
             _request(image, **kwargs)
         assert caught.value.field == field and says in str(caught.value), (kwargs, str(caught.value))
+    with pytest.raises(InvalidInput, match="^padding_mask_crop: not served by this repository"):
+        parse_request({"prompt": _bytes_input(b"x"), "init_image": _bytes_input(image),
+                       "mask_image": _bytes_input(image), "padding_mask_crop": np.array([8], np.int32)},
+                      crop_served=False)
     with pytest.raises(InvalidInput, match="^init_image: not a decodable"):
         _request(b"garbage")
     for name, value in (("mask_image", _bytes_input(image)), ("strength", np.array([0.5], np.float32))):
@@ -264,3 +272,74 @@ def test_inpaint_jobs_of_one_shape_share_a_loop_and_each_equals_itself_alone(tin
         assert float((got - alone).abs().mean()) < 1e-5
     with pytest.raises(ValueError, match="need start_step"):
         sample_batch(dit, jobs, **{**kw, "start_step": None})
+
+
+# ---------------------------------------------------------------------------------------- padding_mask_crop
+
+
+def test_crop_pieces_equal_the_processors(inpaint_pipe):
+    """mask_crop's box, fill resize and paste back against diffusers' own functions, on random boxes, pads,
+    sizes and modes (a soft mask, an RGBA picture with varying alpha, a palette picture)."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from flux2_klein import mask_crop
+
+    proc = inpaint_pipe.image_processor  # Flux2ImageProcessor: its centre crop in apply_overlay
+    rng = np.random.default_rng(1)
+    for trial in range(120):
+        w, h = int(rng.integers(40, 260)), int(rng.integers(40, 260))
+        m = np.zeros((h, w), np.uint8)
+        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+        x1, y1 = int(rng.integers(x0, w)) + 1, int(rng.integers(y0, h)) + 1
+        m[y0:y1, x0:x1] = rng.integers(1, 256, (y1 - y0, x1 - x0))
+        mask = Image.fromarray(m, "L")
+        pad, (tw, th) = int(rng.integers(0, 48)), [(1024, 1024), (1248, 832), (832, 1248), (1568, 672)][trial % 4]
+        box = mask_crop.crop_region(mask, tw, th, pad)
+        assert box == tuple(VaeImageProcessor.get_crop_region(mask, tw, th, pad=pad)), (w, h, pad, box)
+        rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        alpha = rng.integers(0, 256, (h, w, 1), dtype=np.uint8)
+        pictures = [Image.fromarray(rgb), Image.fromarray(np.concatenate([rgb, alpha], 2), "RGBA"),
+                    Image.fromarray(rgb).quantize(32)]
+        pic = pictures[trial % 3]
+        for size in ((96, 64), (64, 96), (80, 80)):
+            for part in (pic.crop(box), mask.crop(box)):
+                assert np.array_equal(np.asarray(mask_crop.fill_resize(part, *size)),
+                                      np.asarray(proc._resize_and_fill(part, *size))), (trial, size, part.mode)
+        generated = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        want = np.asarray(proc.apply_overlay(mask, pic, Image.fromarray(generated), box))
+        assert np.array_equal(mask_crop.paste_back(generated, mask_crop.overlay(pic, mask), box), want), trial
+
+
+CROP_CASES = [  # (size, mask kind, padding_mask_crop, strength, with a reference, seed)
+    ((1024, 1024), "rect", 32, 0.8, False, 3),
+    ((1248, 832), "ellipse", 0, 1.0, True, -7),
+    ((1248, 832), "rect", 64, 0.3, False, 5),
+]
+
+
+@pytest.mark.parametrize("size, kind, pad, strength, with_reference, seed", CROP_CASES,
+                         ids=[f"{c[0][0]}x{c[0][1]}-{c[1]}-pad{c[2]}-{c[3]}" for c in CROP_CASES])
+def test_padding_mask_crop_equals_the_pipeline(inpaint_pipe, tiny_ckpt, size, kind, pad, strength, with_reference,
+                                               seed):
+    """The crop's box, the inpaint of the cut picture and the paste back: the pipeline's latents bit for
+    bit and its picture (at the picture's size) within 2."""
+    from flux2_klein.mask_crop import paste_back
+
+    width, height = size
+    image, mask = picture(width, height, seed), mask_of(kind, width, height)
+    reference = picture(320, 240, 9) if with_reference else None
+    req = _request(png(image), png(mask), strength, references=[png(reference)] if reference is not None else (),
+                   padding_mask_crop=np.array([pad], np.int32))
+    assert req.crop_box is not None and req.crop_box != (0, 0, width, height), req.crop_box
+    want_image, want_latents = _pipeline(inpaint_pipe, image, mask, float(np.float32(strength)), reference, seed,
+                                         padding_mask_crop=pad)
+    latents = _ours(inpaint_pipe, tiny_ckpt, req, seed)
+    rows, cols = latent_grid(width, height)
+    assert float(np.abs(latents.numpy().reshape(rows * cols, -1) - want_latents).max()) == 0.0
+    got = paste_back(np.asarray(_decode(inpaint_pipe, latents)), req.overlay, req.crop_box)
+    assert got.shape == want_image.shape == (height, width, 3)
+    diff = int(np.abs(got.astype(np.int16) - want_image).max())
+    print(f"\n{size} {kind} pad={pad}: box {req.crop_box}, pixel diff {diff}")
+    assert diff <= MAX_PIXEL_DIFF
+    keep = np.asarray(mask.convert("L")) == 0  # black: the picture itself, untouched by the crop
+    assert np.array_equal(got[keep], np.asarray(image)[keep])

@@ -24,7 +24,7 @@ KEY = "inpaint-key"
 
 @pytest.fixture(scope="module")
 def served(tiny_ckpt, onnx_dir, tmp_path_factory):
-    server = serve_one_batching_sampler(tiny_ckpt, onnx_dir, tmp_path_factory, "inpaint")
+    server = serve_one_batching_sampler(tiny_ckpt, onnx_dir, tmp_path_factory, "inpaint", padding_mask_crop=True)
     yield server
     server.stop()
 
@@ -60,6 +60,24 @@ def test_inpaint_and_image_to_image_over_grpc_and_http_equal_the_pipeline(served
     _close(got, want, "image-to-image, HTTP")
 
 
+def test_padding_mask_crop_over_grpc_equals_the_pipeline_and_the_in_process_run(served, inpaint_pipe):
+    """The crop around the mask inpainted and pasted back by the postprocess model (this repository is built
+    with --padding-mask-crop); DirectPipeline gives the same image bit for bit."""
+    from flux2_klein.direct import DirectPipeline
+
+    image, mask = picture(1248, 832, 6), mask_of("rect", 1248, 832)
+    with Flux2KleinClient(served.grpc_url) as client:
+        got = client.generate(PROMPT, seed=5, steps=4, image=png(image), mask=png(mask), strength=0.8,
+                              padding_mask_crop=24)
+    want, _ = _pipeline(inpaint_pipe, image, mask, float(np.float32(0.8)), None, 5, padding_mask_crop=24)
+    _close(got, want, "padding_mask_crop, gRPC")
+    keep = np.asarray(mask) == 0
+    assert np.array_equal(got[keep], np.asarray(image)[keep]), "outside the mask: the picture itself"
+    direct = DirectPipeline(served.repository).generate(PROMPT, seed=5, steps=4, image=png(image), mask=png(mask),
+                                                        strength=0.8, padding_mask_crop=24)
+    assert np.array_equal(direct, got)
+
+
 def test_concurrent_inpaint_requests_share_a_loop_and_each_equals_itself_alone(served):
     image = png(picture(1024, 1024, 4))
     # Strengths 0.6 and 0.7 cut 4 steps alike (the first step kept is 1): one shape, one loop.
@@ -85,12 +103,14 @@ BAD = [  # (kwargs of generate, the field the message starts with, what it says)
     (dict(image="picture", strength=1.5), "strength", "0..1"),
     (dict(image="picture", strength=0.0), "strength", "leaves no denoising step"),
     (dict(mask="mask"), "mask_image", "needs `init_image`"),
+    (dict(image="picture", padding_mask_crop=8), "padding_mask_crop", "needs `mask_image`"),
+    (dict(image="picture", mask="black mask", padding_mask_crop=8), "padding_mask_crop", "black everywhere"),
 ]
 
 
 def test_bad_inpaint_inputs_are_refused_by_name_and_the_server_keeps_serving(served):
     files = {"picture": png(picture(1024, 1024, 0)), "small mask": png(Image.new("L", (512, 512), 255)),
-             "mask": png(Image.new("L", (1024, 1024), 255))}
+             "mask": png(Image.new("L", (1024, 1024), 255)), "black mask": png(Image.new("L", (1024, 1024), 0))}
     with Flux2KleinClient(served.grpc_url) as client:
         for kwargs, field, says in BAD:
             kwargs = {k: files.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}

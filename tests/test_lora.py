@@ -141,3 +141,19 @@ def test_a_served_build_with_lora_equals_diffusers_load_and_fuse(tiny_ckpt, lora
         server.stop()
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 2
     assert np.abs(got.astype(int) - plain.astype(int)).max() > 20
+
+
+def test_a_bad_build_option_is_refused_before_the_loras_are_fused(tiny_ckpt, loras, tmp_path):
+    """build_repository checks every option first (repository.BuildOptions): nothing is fused, nothing
+    written, for a build that would be refused."""
+    from flux2_klein.repository import BuildOptions, build_repository
+
+    for kwargs, says in [(dict(runtime="tpu"), "runtime: 'tpu'"), (dict(device="tpu"), "device: 'tpu'"),
+                         (dict(runtime="onnxruntime", compile=True), "compile: only the torch runtime")]:
+        with pytest.raises(ValueError, match=says):
+            build_repository(tiny_ckpt, tmp_path / "repo", loras=[LoraSpec(loras[0])], **kwargs)
+        assert not (tmp_path / "repo.lora").exists() and not (tmp_path / "repo").exists(), kwargs
+    with pytest.raises(TypeError, match="not both"):
+        build_repository(tiny_ckpt, tmp_path / "repo", BuildOptions(), runtime="torch")
+    resolved = BuildOptions(runtime="torch", device="gpu").resolved()
+    assert (resolved.dtype, resolved.boundary, resolved.warm_sizes) == ("bf16", "bfloat16", "1024x1024")

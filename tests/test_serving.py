@@ -19,6 +19,7 @@ from PIL import Image
 from flux2_klein.client.triton_client import Flux2KleinClient, GenerationError
 from flux2_klein.contract import INPUTS
 from parity import assert_images_close
+from runtime_parity import RuntimeParity
 
 TOLERANCE = 2
 
@@ -63,6 +64,14 @@ CASES = [  # protocol, size (w, h), seed, references (size, format)
     ("grpc", (1568, 672), 3, (((768, 512), "PNG"),)),
     ("http", (832, 1248), 7, (((1500, 1200), "JPEG"), ((320, 640), "WEBP"))),
 ]
+
+
+class TestOnnxRuntimeParity(RuntimeParity):
+    """tests/runtime_parity.py's cases on the ONNX Runtime leaves (this file's own cases follow)."""
+
+    @pytest.fixture
+    def served(self, triton_server):
+        return triton_server
 
 
 @pytest.mark.parametrize("protocol,size,seed,refs", CASES)

@@ -20,7 +20,8 @@ import pytest
 from conftest import ServeCommand
 from flux2_klein.client.triton_client import Flux2KleinClient
 from flux2_klein.triton_config import Instances
-from test_serving import assert_equal_images, encoded, oracle, pattern
+from runtime_parity import RuntimeParity
+from test_serving import assert_equal_images
 
 ROOT = Path(__file__).resolve().parent.parent
 LEAVES = ("text_encoder", "transformer", "vae_decoder", "vae_encoder")
@@ -103,12 +104,12 @@ def test_build_options_device_dtype_compile(tiny_ckpt, tmp_path):
             build_repository(tiny_ckpt, tmp_path / "bad", **kwargs)
 
 
-def test_image_with_a_reference_equals_diffusers(torch_server, tiny_pipe):
-    references = [encoded(pattern(768, 512, 1), "PNG")]
-    prompt = "a lighthouse at dusk, torch runtime"
-    with Flux2KleinClient(torch_server.grpc_url) as client:
-        got = client.generate(prompt, width=1568, height=672, seed=3, references=references)
-    assert_equal_images(got, oracle(tiny_pipe, prompt, width=1568, height=672, seed=3, references=references))
+class TestTorchRuntimeParity(RuntimeParity):
+    """tests/runtime_parity.py's cases on the torch runtime's leaves."""
+
+    @pytest.fixture
+    def served(self, torch_server):
+        return torch_server
 
 
 def test_image_equals_the_onnx_runtime_servers(torch_server, triton_server):
@@ -255,7 +256,7 @@ def test_fp8_takes_the_gemms_export_fp8_takes_and_refuses_a_cpu(tiny_ckpt):
     import torch
 
     from flux2_klein.checkpoint import load_checkpoint
-    from flux2_klein.export.onnx_export import load_wrapper
+    from flux2_klein.networks import load_wrapper
     from flux2_klein.torch_runtime import fp8_layers, fp8_root, quantize_fp8
 
     ckpt = load_checkpoint(tiny_ckpt)

@@ -77,10 +77,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="warm-up rounds before measuring: per size, as many requests at once as a model has "
                         "instances, and N direct requests (default 2)")
     b.add_argument("--repository", default=None, metavar="REPO",
-                   help="the repository the server loaded, on this machine: also run its graphs directly "
-                        "(DirectPipeline) and compare")
+                   help="the repository the server loaded, on this machine: also run its networks directly "
+                        "(DirectPipeline: an onnxruntime repository's graphs, a torch repository's leaves) and compare")
     b.add_argument("--direct-threads", type=int, default=None, metavar="N",
-                   help="ONNX Runtime threads per graph in the direct run (default: as the Triton models)")
+                   help="threads per network in the direct run: ONNX Runtime's per graph, torch's for a torch "
+                        "repository (default: as the Triton models)")
     b.add_argument("--no-direct", action="store_true", help="skip the direct comparison")
     b.add_argument("--load", choices=("auto", "perf_analyzer", "python"), default="auto",
                    help="load generator: perf_analyzer, tritonclient threads, or auto (perf_analyzer if one runs)")

@@ -87,7 +87,7 @@ def _local_parts(answer: dict[str, Any]) -> dict[str, float]:
     """What the gateway does with one answered image, timed here with its code: encode, then the answer's body
     (base64 and JSON, written together by images_json)."""
     from .. import codecs
-    from ..gateway.body import Base64, images_json
+    from ..gateway.responses import Base64, images_json
 
     artifact = answer["artifacts"][0]
     data = base64.b64decode(artifact["base64"])

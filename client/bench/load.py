@@ -151,14 +151,10 @@ def python_level(cfg: BenchConfig, c: int, entries: list[Entry]) -> LevelLoad:
 
 
 
-def run_direct(cfg: BenchConfig, entries: list[Entry], warm: list[Entry], progress: Progress) -> dict[str, Any]:
-    """The same requests through DirectPipeline, one after another, in this process, after `warm`."""
-    from flux2_klein.direct import STAGES, DirectPipeline
+def _direct_requests(pipe, entries: list[Entry], warm: list[Entry], progress: Progress):
+    """`warm`, then `entries` through `pipe` one after another: (latencies in s, seconds per stage summed)."""
+    from flux2_klein.direct import STAGES
 
-    progress.update("bench: direct: loading the repository's graphs")
-    t = time.perf_counter()
-    pipe = DirectPipeline(cfg.repository, intra_op_threads=cfg.direct_threads)
-    load_s = time.perf_counter() - t
     for i, entry in enumerate(warm):
         progress.update(f"bench: direct: warm-up {i + 1}/{len(warm)}")
         pipe.infer({k: a for k, (_, a) in entry.arrays().items()})
@@ -175,10 +171,42 @@ def run_direct(cfg: BenchConfig, entries: list[Entry], warm: list[Entry], progre
     progress.update(f"bench: direct: {len(entries)}/{len(entries)} requests, {time.perf_counter() - start:.0f} s",
                     key=f"direct {len(entries)}")
     progress.done()
+    return latencies, stages
+
+
+def run_direct(cfg: BenchConfig, entries: list[Entry], warm: list[Entry], progress: Progress) -> dict[str, Any]:
+    """The same requests through DirectPipeline, one after another, in this process, after `warm`: an
+    onnxruntime repository's graphs, or a torch repository's leaves (torch_direct.py). Torch runs on the
+    threads the served side gives it (the sampler's math on one, ort_session.one_torch_thread; a torch
+    leaf's `intra_op_threads`) for the run only: this process's setting is restored after it."""
+    import torch
+
+    from flux2_klein.direct import DirectPipeline
+    from flux2_klein.ort_session import one_torch_thread
+
+    from .torch_direct import is_torch_repository, torch_sessions
+
+    progress.update("bench: direct: loading the repository's graphs")
+    threads_before = torch.get_num_threads()
+    try:
+        t = time.perf_counter()
+        if is_torch_repository(cfg.repository):
+            sessions, threads, config = torch_sessions(cfg.repository)
+            pipe = DirectPipeline(cfg.repository, sessions=sessions)
+            torch.set_num_threads(cfg.direct_threads or threads)
+            config = config if not cfg.direct_threads else f"{config}; --direct-threads {cfg.direct_threads}"
+        else:
+            pipe = DirectPipeline(cfg.repository, intra_op_threads=cfg.direct_threads)
+            one_torch_thread()  # as the Triton sampler on a CPU runs the loop's math
+            config = pipe.session_config + "; sampler math: 1 torch thread"
+        load_s = time.perf_counter() - t
+        latencies, stages = _direct_requests(pipe, entries, warm, progress)
+    finally:
+        torch.set_num_threads(threads_before)
     n = len(latencies)
     cumulative = np.cumsum(latencies)
     return {
-        "requests": n, "load_s": load_s, "threads": pipe.threads, "session_config": pipe.session_config,
+        "requests": n, "load_s": load_s, "threads": pipe.threads, "session_config": config,
         "latency_ms": _percentiles(latencies),
         "stage_ms": {s: v / n * 1000.0 for s, v in stages.items()},
         # N requests one after another: N / (time they took together), for every N measured.

@@ -75,8 +75,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"- in-process comparison not run: {direct['skipped']}")
     else:
         c1 = cmp.get("latency_c1")
-        lines.append(f"- in-process comparison (\"direct\"): the same graphs in one process (`DirectPipeline`, ONNX "
-                     f"Runtime threads per graph: {direct['threads']}; "
+        lines.append(f"- in-process comparison (\"direct\"): the same networks in one process (`DirectPipeline`, "
+                     f"threads per network: {direct['threads']}; "
                      f"{direct.get('session_config', 'session options not recorded')}), "
                      f"{direct['requests']} requests one after "
                      "another; it runs the sampler's loop math too, so Triton - direct is what serving adds beyond "

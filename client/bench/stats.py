@@ -7,8 +7,9 @@ from typing import Any
 
 from flux2_klein.contract import MODEL_NAME as MODEL
 
-# The ensemble, then its steps, then what the sampler calls by BLS.
-MODELS = (MODEL, "preprocess", "text_encoder", "sampler", "transformer", "vae_decoder", "vae_encoder")
+# The ensemble, its steps and what the sampler calls by BLS (stages.py; the optional postprocess last: a
+# repository without it reports zeros). Its time is serving overhead, not a leaf's work.
+MODELS = (MODEL, "preprocess", "text_encoder", "sampler", "transformer", "vae_decoder", "vae_encoder", "postprocess")
 # The models whose compute is the request's work; the sampler's own time (loop math and the BLS round
 # trips around its transformer/vae_encoder calls) is reported apart.
 LEAVES = ("preprocess", "text_encoder", "transformer", "vae_encoder", "vae_decoder")

@@ -1,6 +1,10 @@
-"""The gateway's Prometheus metrics (GET /v1/metrics), in a registry of their own."""
+"""The gateway's Prometheus metrics (GET /v1/metrics), in a registry of their own. Every count the gateway
+keeps is recorded here, through `Metrics`' methods: the guard and the services say what happened, this
+file says which series it goes to."""
 
 from __future__ import annotations
+
+import contextlib
 
 PATHS = ("/v1/infer", "/v1/health/live", "/v1/health/ready", "/v1/models", "/v1/metrics", "/docs",
          "/docs/oauth2-redirect", "/openapi.json", "/v1/images/generations", "/v1/images/edits")
@@ -36,14 +40,37 @@ class Metrics:
         self.by_key = Counter(p + "key_requests", "Image requests by named API key, and how they ended",
                               ["key", "outcome"], registry=self.registry)
 
-    def observe(self, path: str, method: str, status: int, seconds: float) -> None:
+    def answered(self, path: str, method: str, status: int, seconds: float) -> None:
+        """One HTTP request answered (any path; those the gateway does not serve count as "other")."""
+        path = path if path in PATHS else "other"
         self.requests.labels(path, method, str(status)).inc()
         self.latency.labels(path).observe(seconds)
         if status >= 400 and path not in HEALTH_PATHS:
             self.errors.labels(path, REASONS.get(status, f"http_{status}")).inc()
 
+    @contextlib.contextmanager
+    def waiting(self):
+        """An image request waiting for a concurrency slot, for as long as the block runs."""
+        self.queued.inc()
+        try:
+            yield
+        finally:
+            self.queued.dec()
+
+    def started(self) -> None:
+        """An image request took a slot."""
+        self.in_flight.inc()
+
+    def finished(self) -> None:
+        """An image request gave its slot back."""
+        self.in_flight.dec()
+
+    def outcome(self, key: str | None, outcome: str) -> None:
+        """How one image request ended, for a named API key (None: a caller known by address, not counted)."""
+        if key is not None:
+            self.by_key.labels(key, outcome).inc()
+
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
-

@@ -77,7 +77,7 @@ class GatewaySettings:
     retry_after_s: int = int(DEFAULTS["retry_after_s"])
     api_key: str | None = None
     # Named keys, "name=key,name2=key2" (from FLUX2_KLEIN_API_KEYS only: secrets stay out of the process list)
-    # and/or a JSON file {name: key | {"key": ..., "per_minute": N}}; see flux2_klein/guardrail/limits.py.
+    # and/or a JSON file {name: key | {"key": ..., "per_minute": N}}; see access.py.
     api_keys: str | None = None
     api_keys_file: str | None = None
     rate_per_minute: int = int(DEFAULTS["rate_per_minute"])
@@ -101,10 +101,10 @@ class GatewaySettings:
             raise ValueError(f"rate_per_minute must be >= 0 (0: no limit); got {self.rate_per_minute}")
 
     def key_store(self):
-        """The named keys (guardrail.limits.KeyStore, FLUX2_KLEIN_API_KEY among them as "default"), or None
+        """The named keys (access.KeyStore, FLUX2_KLEIN_API_KEY among them as "default"), or None
         when only the single key (or none) is set; LimitsError names a bad key or file."""
         if not (self.api_keys or self.api_keys_file):
             return None
-        from flux2_klein.guardrail.limits import KeyStore
+        from .access import KeyStore
 
         return KeyStore.from_sources(file=self.api_keys_file, variable=self.api_keys, single=self.api_key)

@@ -25,6 +25,11 @@ from .build import (
 from .library import flavour_of
 
 
+def default_work(repo: str | Path) -> Path:
+    """The build's work folder unless one is given: REPO.work beside the repository (Triton takes every folder
+    of a repository for a model), for the ONNX graphs, the FP8 calibration and the timing cache."""
+    return Path(str(Path(repo)) + ".work")
+
 
 def network_precision(network: str, precision: str) -> str:
     return "fp8" if network == "transformer" and precision == "fp8" else "bf16"
@@ -129,7 +134,9 @@ def tensorrt_leaf_writer(work: Path, precision: str, opt_level: int | None = Non
             else:
                 build_engine(kept, trt=trt_, target=target_)  # reuses a fresh one a failed build left in work
                 _place(kept, plan)
-        (repo / spec.name / "config.pbtxt").write_text(plan_config(spec, instances))
+        from ...repository import write_model
+
+        write_model(repo, spec.name, plan_config(spec, instances))
         return json.loads(plan.metadata_path.read_text())
 
     return write

@@ -8,16 +8,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from ..contract import PRECISIONS
+from ..contract import PRECISIONS, TENSORRT_PRECISION
 
+# Of contract.RUNTIMES, the two the image builds (cache.build_for_runtime): TensorRT on its GPU, the default,
+# and ONNX Runtime, the CPU path for checks. The torch runtime is not built in the container.
 RUNTIMES = ("tensorrt", "onnxruntime")
 
 # (name, default, meaning): the container's whole configuration surface.
 ENV_VARS: tuple[tuple[str, str, str], ...] = (
     ("FLUX2_KLEIN_CHECKPOINT", "/models/checkpoint", "the checkpoint folder (diffusers layout), mounted read-only"),
     ("FLUX2_KLEIN_CACHE", "/cache", "writable volume for built repositories: <cache>/<profile-key>/repository"),
-    ("FLUX2_KLEIN_PRECISION", "fp8", "precision of the TensorRT engines: " + " | ".join(PRECISIONS)),
-    ("FLUX2_KLEIN_RUNTIME", "tensorrt", "what runs the networks: tensorrt (GPU) | onnxruntime (CPU, for checks)"),
+    ("FLUX2_KLEIN_PRECISION", TENSORRT_PRECISION, "precision of the TensorRT engines: " + " | ".join(PRECISIONS)),
+    ("FLUX2_KLEIN_RUNTIME", RUNTIMES[0], "what runs the networks: tensorrt (GPU) | onnxruntime (CPU, for checks)"),
     ("FLUX2_KLEIN_GATEWAY_PORT", "8000", "the gateway's port (NIM-style /v1 API): the one port to publish. "
                                          "The gateway's other FLUX2_KLEIN_GATEWAY_* variables reach it as they are"),
     ("FLUX2_KLEIN_TRITON_GRPC_PORT", "8001", "Triton's gRPC port, which the gateway talks to"),

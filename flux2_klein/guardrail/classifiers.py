@@ -43,7 +43,7 @@ class ClassifierSettings:
 
 
 @dataclass(frozen=True)
-class Verdict:
+class Classification:
     """The most probable unsafe label and its probability; `unsafe` when that reaches the threshold."""
 
     label: str
@@ -71,11 +71,11 @@ class _Classifier:
         self._indices = [names[x] for x in settings.unsafe_labels]
         self._multi_label = config.problem_type == "multi_label_classification"
 
-    def _verdicts(self, logits) -> list[Verdict]:
+    def _classifications(self, logits) -> list[Classification]:
         probs = logits.float().sigmoid() if self._multi_label else logits.float().softmax(-1)
         unsafe = probs[:, self._indices].cpu()
         best, where = unsafe.max(-1)
-        return [Verdict(self.settings.unsafe_labels[int(i)], float(s), float(s) >= self.settings.threshold)
+        return [Classification(self.settings.unsafe_labels[int(i)], float(s), float(s) >= self.settings.threshold)
                 for s, i in zip(best, where)]
 
 
@@ -88,7 +88,7 @@ class TextClassifier(_Classifier):
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         return AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
 
-    def classify(self, texts: list[str]) -> list[Verdict]:
+    def classify(self, texts: list[str]) -> list[Classification]:
         import torch
 
         # Long prompts are cut at the model's limit: the start of a prompt is what it is judged on.
@@ -96,7 +96,7 @@ class TextClassifier(_Classifier):
         batch = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt", max_length=limit)
         with torch.inference_mode():
             logits = self.model(**batch.to(self.settings.device)).logits
-        return self._verdicts(logits)
+        return self._classifications(logits)
 
 
 class ImageClassifier(_Classifier):
@@ -108,7 +108,7 @@ class ImageClassifier(_Classifier):
         self.processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
         return AutoModelForImageClassification.from_pretrained(path, local_files_only=True)
 
-    def classify(self, images) -> list[Verdict]:
+    def classify(self, images) -> list[Classification]:
         """images: uint8 RGB arrays [H, W, 3] (numpy, or torch on any device)."""
         import numpy as np
         import torch
@@ -117,4 +117,4 @@ class ImageClassifier(_Classifier):
         inputs = self.processor(images=arrays, return_tensors="pt")
         with torch.inference_mode():
             logits = self.model(pixel_values=inputs["pixel_values"].to(self.settings.device)).logits
-        return self._verdicts(logits)
+        return self._classifications(logits)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from importlib import resources
 from pathlib import Path
 
 from ..specs import Tensor
@@ -65,8 +64,7 @@ def write(repo: str | Path, settings: GuardrailSettings, *, instances: int = 1, 
     if settings.image_classifier is None:
         shutil.rmtree(model, ignore_errors=True)
         return False
-    (model / "1").mkdir(parents=True, exist_ok=True)
-    (model / "config.pbtxt").write_text(safety_config(instances, kind))
-    glue = resources.files("flux2_klein.model_repository").joinpath("safety.py").read_text()
-    (model / "1" / "model.py").write_text(glue)
+    from ..repository import write_model
+
+    write_model(repo, SAFETY_MODEL, safety_config(instances, kind), "safety")
     return True

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from flux2_klein.guardrail.limits import KeyStore, LimitsError, RateLimiter, retry_after_header
+from flux2_klein.client.gateway.access import KeyStore, LimitsError, RateLimiter, retry_after_header
 
 
 class Clock:

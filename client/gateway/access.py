@@ -1,9 +1,10 @@
-"""Abuse limits for the gateway (not wired in yet): requests per minute per API key, or per client address
-where there are no keys, as token buckets; and the named API keys, compared in constant time.
+"""Who may call the gateway, and how often: the named API keys (`KeyStore`, compared in constant time) and
+requests per minute per key, or per client address where there are no keys (`RateLimiter`, token buckets).
 
-Transport-free: the gateway asks `RateLimiter.acquire(who)` and answers 429 with `Retry-After:
-ceil(retry_after_s)` when it says no; `KeyStore.name_of(token)` names the caller for metrics and the audit
-line (never the key itself).
+Transport-free; its one user is the gateway's guard (guard.py): it names the `Caller` of each request from
+its key (`KeyStore.lookup`), asks `RateLimiter.acquire(caller.label, caller.per_minute)` before any work,
+and answers 429 with `Retry-After: retry_after_header(admission)` when it says no. A caller is named by its
+key's name, never by the key.
 """
 
 from __future__ import annotations
@@ -19,6 +20,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MIN_KEY_CHARS = 16  # shorter keys are guessable; refuse them rather than serve with them
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request: a named API key, or without keys the client's address."""
+
+    label: str  # "key alice", "key default", "address 127.0.0.1": for the rate limit and the log
+    key: str | None = None  # the key's name, for the metrics (never an address: that would be unbounded)
+    per_minute: int | None = None  # the key's own rate limit, if it has one
+
+    @classmethod
+    def of_key(cls, name: str, per_minute: int | None = None) -> Caller:
+        return cls(f"key {name}", name, per_minute)
+
+    @classmethod
+    def at(cls, address: str) -> Caller:
+        return cls(f"address {address}")
+
+    def __str__(self) -> str:
+        return self.label
+
+
+UNKNOWN = Caller("?")  # a request the guard did not see
 
 
 class LimitsError(ValueError):

@@ -1,9 +1,14 @@
-"""The four networks as torch modules with the exact signatures of their specs (specs.py).
+"""The four networks as torch modules with the exact signatures of their specs (specs.py), and how each is
+loaded from a checkpoint (`load_wrapper`): what `export onnx` traces, the torch leaves serve
+(torch_runtime.py) and `export fp8` calibrates. A model fact, not an export one: serving imports it without
+the exporter.
 
 Each wrapper computes what diffusers' Flux2KleinPipeline computes around the raw module, folded into
 the graph where that saves a round trip or a copy: hidden-state stacking for the text encoder, the
 latent batch-norm, 2x2 (un)patchify and image post-processing for the VAE. Compute runs in the
 module's dtype; every boundary is float32 (or integer) as the specs say.
+
+Weights are loaded one network at a time, so a 4B checkpoint never needs all of its parts in memory at once.
 """
 
 from __future__ import annotations
@@ -12,6 +17,38 @@ import inspect
 
 import torch
 from torch import nn
+
+from .checkpoint import Checkpoint
+from .specs import NETWORKS, network_specs
+
+# The DiT's layers (module-name patterns) that FP8 leaves in higher precision: the input embedders
+# (x_embedder, context_embedder), the timestep embedding and the modulation MLPs (they set every block's
+# scale and shift: small errors there move everything), norm_out and proj_out (the velocity itself).
+# `export fp8` leaves their quantizers disabled; the torch leaves' FP8 GEMMs skip them (torch_runtime.py).
+KEEP_HIGH_PRECISION = ("x_embedder*", "context_embedder*", "time_guidance_embed*", "*modulation*", "norm_out*",
+                       "proj_out*")
+
+
+def load_wrapper(ckpt: Checkpoint, network: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The network's torch module with its spec's signature, weights in `dtype`, eval mode."""
+    path = ckpt.component
+    if network == "text_encoder":
+        from transformers import Qwen3ForCausalLM
+
+        module = Qwen3ForCausalLM.from_pretrained(path("text_encoder"), dtype=dtype, attn_implementation="sdpa")
+        spec_layers = network_specs(ckpt)["text_encoder"].config["out_layers"]
+        return TextEncoderEmbeds(module, spec_layers).eval()
+    if network == "transformer":
+        from diffusers import Flux2Transformer2DModel
+
+        return TransformerVelocity(Flux2Transformer2DModel.from_pretrained(path("transformer"), dtype=dtype)).eval()
+    if network in ("vae_decoder", "vae_encoder"):
+        from diffusers import AutoencoderKLFlux2
+
+        vae = AutoencoderKLFlux2.from_pretrained(path("vae"), dtype=dtype)
+        cls = VaeDecodeImage if network == "vae_decoder" else VaeEncodeTokens
+        return cls(vae).eval()
+    raise KeyError(f"network: {network!r}, expected one of {', '.join(NETWORKS)}")
 
 
 class TextEncoderEmbeds(nn.Module):

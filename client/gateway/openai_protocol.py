@@ -1,6 +1,6 @@
-"""OpenAI's Images API on the gateway (docs/CONTRACT.md section 4): `POST /v1/images/generations` (JSON) and
-`POST /v1/images/edits` (multipart), answered and failed in OpenAI's shapes, so that the official `openai`
-clients work given only a base URL and a key.
+"""OpenAI's Images API (docs/CONTRACT.md section 4): the fields of `POST /v1/images/generations` (JSON) and
+`POST /v1/images/edits` (multipart), and OpenAI's error shape, so that the official `openai` clients work
+given only a base URL and a key.
 
 What OpenAI documents and klein cannot do is refused by name (response_format "url", transparent
 backgrounds, sizes other than the 17); what only tunes OpenAI's own models (quality, style, moderation,
@@ -12,32 +12,28 @@ client's `extra_body`)."""
 
 from __future__ import annotations
 
-import base64
 import io
-import json
 import re
-import time
 from typing import Literal
 
 import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from flux2_klein import contract as api
 from flux2_klein.sizes import MAX_REFERENCES, SIZES, parse_size, size_names
 
-from .body import (
-    INT64_MAX, MAX_SAMPLES, ApiError, Base64, Generation, ImagesResponse, check_prompt, check_seeds, parse_json_object,
-    random_seed, validation_detail,
+from .protocol import (
+    INT64_MAX, MAX_SAMPLES, ApiError, Generation, check_prompt, check_seeds, random_seed, validation_detail,
 )
 
 IMAGES_PREFIX = "/v1/images/"
+MAX_FORM_FILES = 16  # more than MAX_REFERENCES, so that a fifth image is refused by name, not by the parser
+CONTENT_POLICY = "content filtered: the request or its image was refused by the content policy"
 # OpenAI's error `type` for each status it can answer with.
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error"}
 _FIELD = re.compile(r"([a-z_]+(?:/[a-z_]+)?)(?:\[\d+\])?:")  # the field a message starts with
-MAX_FORM_FILES = 16  # more than MAX_REFERENCES, so that a fifth image is refused by name, not by the parser
 
 
 class ImagesRequest(BaseModel):
@@ -127,90 +123,27 @@ def openai_mask(data: bytes, image: bytes) -> bytes:
     return out.getvalue()
 
 
-def _validated(data: dict, strict: bool) -> ImagesRequest:
+def validated(data: dict, strict: bool) -> ImagesRequest:
+    """The fields as an ImagesRequest, or ApiError 422 naming the field. Form values are text: `strict=False`
+    reads "2" as an integer and "true" as a boolean there (the JSON endpoint stays strict)."""
     try:
         return ImagesRequest.model_validate(data, strict=strict)
     except ValidationError as e:
         raise ApiError(422, validation_detail(e.errors(include_url=False), list(ImagesRequest.model_fields))) from None
 
 
-async def _edit_request(request: Request) -> tuple[ImagesRequest, list[bytes], bytes | None]:
-    content_type = request.headers.get("content-type", "")
-    if not content_type.lower().startswith("multipart/form-data"):
-        raise ApiError(400, f"send multipart/form-data with one or more 'image' files; got {content_type or 'none'}")
-    form = await request.form(max_files=MAX_FORM_FILES)
-    fields, images, mask = {}, [], None
-    for key, value in form.multi_items():
-        if key in ("image", "image[]"):  # the openai client names a list of files image[]
-            if isinstance(value, str):
-                raise ApiError(422, f"image[{len(images)}]: expected a file (PNG, JPEG or WebP), got a text field")
-            images.append(await value.read())
-        elif key == "mask":
-            if isinstance(value, str) or mask is not None:
-                raise ApiError(422, "mask: expected one PNG file")
-            mask = await value.read()
-        elif not isinstance(value, str):
-            raise ApiError(422, f"{key}: expected a text field, got a file")
-        elif key in fields:
-            raise ApiError(422, f"{key}: given more than once")
-        else:
-            fields[key] = value
-    if not images:
-        raise ApiError(422, "image: required; send 1 to 4 image files (PNG, JPEG or WebP)")
-    if len(images) > MAX_REFERENCES:
-        raise ApiError(422, f"image: at most {MAX_REFERENCES} images, got {len(images)}")
-    for i, data in enumerate(images):
-        if not data:
-            raise ApiError(422, f"image[{i}]: empty; expected a PNG, JPEG or WebP file")
-    # Form values are text: pydantic's lax mode reads "2" as an integer and "true" as a boolean here (the JSON
-    # endpoint stays strict).
-    return _validated(fields, strict=False), images, mask
-
-
-def _answer(images, output_format: str) -> dict:
-    first = images[0]
-    return {"created": int(time.time()), "data": [
-        {"b64_json": Base64(image.data), "revised_prompt": None, "seed": image.seed}
-        for image in images], "output_format": output_format, "size": f"{first.width}x{first.height}"}
-
-
-def add_openai_routes(app: FastAPI, gateway) -> None:
-    """The two endpoints; their errors take OpenAI's shape in `OpenAIErrors`, which the app adds outermost."""
+def request_schemas() -> tuple[dict, dict]:
+    """The OpenAPI schemas of the generations body (JSON) and of the edits form (the fields and the files)."""
     schema = ImagesRequest.model_json_schema()
     edit_schema = {**schema, "required": ["prompt", "image"], "properties": {**schema["properties"], "image": {
         "type": "array", "items": {"type": "string", "format": "binary"}, "maxItems": MAX_REFERENCES,
         "description": f"1..{MAX_REFERENCES} reference images (PNG, JPEG, WebP); also accepted as image[]"}}}
-    answer = {"200": {"description": "the images", "content": {"application/json": {"schema": {
-        "type": "object", "properties": {"created": {"type": "integer"}, "data": {"type": "array"}}}}}}}
-
-    @app.post("/v1/images/generations", summary="Generate images (OpenAI's Images API)", responses=answer,
-              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}})
-    async def generations(request: Request):
-        body = _validated(parse_json_object(await request.body()), strict=True)
-        generation = body.generation([])
-        images = await gateway.generate(generation, request.scope["state"]["request_id"],
-                                        request.scope["state"].get("caller", "?"))
-        return ImagesResponse(_answer(_refuse_filtered(images), generation.output_format))
-
-    @app.post("/v1/images/edits", summary="Edit images (OpenAI's Images API)", responses=answer,
-              openapi_extra={"requestBody": {"required": True,
-                                             "content": {"multipart/form-data": {"schema": edit_schema}}}})
-    async def edits(request: Request):
-        body, references, mask = await _edit_request(request)
-        generation = body.generation(references, mask)
-        images = await gateway.generate(generation, request.scope["state"]["request_id"],
-                                        request.scope["state"].get("caller", "?"))
-        return ImagesResponse(_answer(_refuse_filtered(images), generation.output_format))
+    return schema, edit_schema
 
 
-CONTENT_POLICY = "content filtered: the request or its image was refused by the content policy"
-
-
-def _refuse_filtered(images):
-    """OpenAI answers a refused request with an error (code content_policy_violation), not an image."""
-    if any(image.finish_reason == "CONTENT_FILTERED" for image in images):
-        raise ApiError(400, CONTENT_POLICY)
-    return images
+# The 200 answer, for the OpenAPI description.
+ANSWER = {"200": {"description": "the images", "content": {"application/json": {"schema": {
+    "type": "object", "properties": {"created": {"type": "integer"}, "data": {"type": "array"}}}}}}}
 
 
 def openai_error(status: int, detail: str) -> tuple[int, dict]:
@@ -222,42 +155,3 @@ def openai_error(status: int, detail: str) -> tuple[int, dict]:
     kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     code = "invalid_api_key" if status == 401 else "content_policy_violation" if detail == CONTENT_POLICY else None
     return status, {"error": {"message": detail, "type": kind, "param": param, "code": code}}
-
-
-class OpenAIErrors:
-    """ASGI middleware, outermost: every error answered on /v1/images/* -- by a route, by FastAPI or by the
-    guard (key, size, load) -- leaves in OpenAI's shape {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith(IMAGES_PREFIX):
-            await self.app(scope, receive, send)
-            return
-        held: dict = {}
-
-        async def rewrite(message):
-            if message["type"] == "http.response.start" and message["status"] >= 400:
-                held["start"], held["body"] = message, b""
-                return
-            if message["type"] == "http.response.body" and "start" in held:
-                held["body"] += message.get("body", b"")
-                if message.get("more_body"):
-                    return
-                start = held.pop("start")
-                try:
-                    detail = str(json.loads(held["body"])["detail"])
-                except (ValueError, KeyError, TypeError):
-                    detail = held["body"].decode("utf-8", "replace") or f"HTTP {start['status']}"
-                status, body = openai_error(start["status"], detail)
-                payload = json.dumps(body).encode()
-                headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (
-                    b"content-length", b"content-type")]
-                headers += [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-                await send({"type": "http.response.start", "status": status, "headers": headers})
-                await send({"type": "http.response.body", "body": payload})
-                return
-            await send(message)
-
-        await self.app(scope, receive, rewrite)

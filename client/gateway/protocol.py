@@ -1,0 +1,196 @@
+"""What every API of the gateway shares (docs/CONTRACT.md section 4): `Generation`, the one request to Triton
+each API's body becomes; `ApiError`, an answer other than 200; and the checks and messages that name a
+field in the caller's terms. Each API's own request and answer models are in nim_protocol.py and
+openai_protocol.py."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+from starlette.responses import JSONResponse
+
+from flux2_klein import contract as api
+from flux2_klein.request import MAX_PROMPT_CHARS
+from flux2_klein.sizes import DEFAULT_SIZE, SIZES, size_names
+
+RANDOM_SEED_BOUND = 2**32  # random seeds are 1..2**32-1, as NIM's image APIs use (never 0: NIM's "random")
+INT64_MAX = 2**63 - 1
+MAX_SAMPLES = 4  # images per request (NIM `samples`, OpenAI `n`); image i uses seed + i
+
+
+def random_seed() -> int:
+    return 1 + secrets.randbelow(RANDOM_SEED_BOUND - 1)
+
+
+@dataclass
+class Generation:
+    """What one API request asks of Triton, whichever API it came in: `samples` images of one prompt and
+    size, image i with seed `seed + i`. None leaves an input to the model's default (for width and height
+    with references: the size nearest the first reference's aspect ratio)."""
+
+    prompt: str
+    seed: int
+    samples: int = 1
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    references: list[bytes] = field(default_factory=list)
+    output_format: str = "png"
+    output_quality: int | None = None  # JPEG/WebP quality; None: the client's documented default
+    # NIM's flag, carried for the guardrail (which decides what it may switch off); the gateway itself has no
+    # safety checker to disable.
+    disable_safety_checker: bool = False
+    # Inpainting / image-to-image: the picture to change (Triton's init_image), its mask (white repaints,
+    # the picture's size; None: all repainted) and strength (None: the model's default).
+    image: bytes | None = None
+    mask: bytes | None = None
+    strength: float | None = None
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.samples)]
+
+
+class ApiError(Exception):
+    """An answer other than 200, raised anywhere while serving a request."""
+
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(status, detail)
+        self.status, self.detail, self.headers = status, detail, headers or {}
+
+
+# Every answer other than 200 outside /v1/images/* (those take OpenAI's shape, openai_protocol.py). No
+# docstring: it would become the schema's description in /openapi.json.
+class ErrorBody(BaseModel):
+    detail: str
+
+
+def error_response(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def _describe_input(value: Any) -> str:
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    # A lone surrogate can't be sent back as UTF-8: show it escaped.
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _field_name(loc) -> str:
+    name = ""
+    for part in loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif part in ("list[str]", "str"):  # a union member's tag, not a field
+            continue
+        else:
+            name += ("." if name else "") + str(part)
+    return name or "body"
+
+
+def validation_detail(errors: list[dict], allowed: list[str]) -> str:
+    """pydantic's errors as one message, each part naming its field: 'width: Input should be ... got "big"'."""
+    parts = []
+    for err in errors:
+        field = _field_name(err.get("loc", ()))
+        kind = err.get("type", "")
+        if kind == "extra_forbidden":
+            parts.append(f"{field}: unknown field; allowed fields: {', '.join(allowed)}")
+        elif kind == "missing":
+            parts.append(f"{field}: required")
+        elif kind == "string_unicode":
+            parts.append(f"{field}: not valid Unicode text (a lone surrogate)")
+        elif kind == "too_long" and "max_length" in err.get("ctx", {}):
+            ctx = err["ctx"]
+            things = "images" if field == "image" else "entries"
+            parts.append(f"{field}: at most {ctx['max_length']} {things}, got {ctx.get('actual_length', 'more')}")
+        else:
+            message = err.get("msg", "invalid")
+            if "input" in err:
+                message += f"; got {_describe_input(err['input'])}"
+            parts.append(f"{field}: {message}")
+    return "; ".join(parts)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json_object(raw: bytes) -> dict:
+    """A request body as a JSON object, or ApiError 400 (not JSON) / 422 (not an object)."""
+    if not raw.strip():
+        raise ApiError(400, 'request body is empty; expected a JSON object such as {"prompt": "a red fox"}')
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"request body is not UTF-8 text (invalid byte at offset {e.start}); send JSON") from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except ValueError as e:  # NaN, Infinity
+        raise ApiError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:  # arrays or objects nested thousands deep: a client's doing, not ours
+        raise ApiError(400, "request body nests JSON arrays or objects too deeply") from None
+    if not isinstance(data, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(data), "a number")
+        raise ApiError(422, f'request body must be a JSON object such as {{"prompt": "a red fox"}}; got {kind}')
+    return data
+
+
+def check_prompt(prompt: str) -> None:
+    if len(prompt) > MAX_PROMPT_CHARS:  # Triton's preprocess refuses it too; no need to send megabytes there
+        raise ApiError(422, f"prompt: at most {MAX_PROMPT_CHARS} characters (only the first 512 tokens are used); "
+                            f"got {len(prompt)}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(422, f"prompt: not valid Unicode text (a lone surrogate at character {e.start})") from None
+
+
+def check_seeds(seed: int | None, count: int, count_field: str) -> None:
+    if seed is not None and seed + count - 1 > INT64_MAX:
+        raise ApiError(422, f"seed: with {count_field}={count}, at most {INT64_MAX - count + 1} (image i uses "
+                            f"seed + i, an INT64)")
+
+
+def check_size(width: int | None, height: int | None) -> None:
+    if width is None and height is None:
+        return
+    pair = (DEFAULT_SIZE[0] if width is None else width, DEFAULT_SIZE[1] if height is None else height)
+    if pair not in SIZES:
+        raise ApiError(422, f"width/height: {pair[0]}x{pair[1]} (width x height) is not supported; allowed: "
+                            f"{size_names()}")
+
+
+# Triton's input names, as they start its INVALID_ARGUMENT messages, -> this API's field names.
+_FIELD_NAMES = [
+    (re.compile(r"\breference_images\b"), "image"),
+    (re.compile(r"\binit_image\b"), "image[0]"),
+    (re.compile(r"\bnum_inference_steps\b"), "steps"),
+    (re.compile(r"\bguidance_scale\b"), "cfg_scale"),
+    (re.compile(r"\bheight/width\b"), "width/height"),
+]
+# Where a message about one input starts: "height/width: ...", "reference_images[2]: ...", "seed: ...".
+_FIELD_START = re.compile(r"\b(height/width|" + "|".join(map(re.escape, api.INPUT_NAMES)) + r")(?:\[\d+\])?:")
+
+
+def api_message(triton_message: str) -> str:
+    """A Triton INVALID_ARGUMENT message in this API's field names: 'reference_images[0]: ...' -> 'image[0]: ...'."""
+    message = triton_message.strip()
+    # The ensemble prefixes its step's message ("in ensemble 'flux2_klein', ..."): keep what names the field.
+    m = _FIELD_START.search(message)
+    if m:
+        message = message[m.start():]
+    for pattern, name in _FIELD_NAMES:
+        message = pattern.sub(name, message)
+    return message
