@@ -21,6 +21,9 @@ Shapes at the boundary (float32 unless said otherwise; h, w = `latent_grid(width
   prompt embeds           [1, 512, D]    (or [512, D])
   final latents           [h, w, C]      the packed tokens reshaped row-major onto the token grid
   position ids            int64 [N, 4]   (t, row, col, l)
+
+(Over 400 lines: the loop and the one pure helper per tensor fact it is built from - schedule, noise, Euler
+step, guidance, inpainting's blend - each tested against the pipeline's own piece, read together.)
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@
 Uses the container's own `tritonserver` where there is one (NGC images: /opt/tritonserver), else the
 build bundled in the nvidia-pytriton wheel, whose Python backend needs its stub for this interpreter
 put beside it: that is assembled once in a cache folder, never inside site-packages.
+
+(Just over 400 lines: one tritonserver process's whole life - found, started, ready, stopped, and `serve`'s
+supervision of it - in one place; its stub and /dev/shm bookkeeping is watchdog.py's.)
 """
 
 from __future__ import annotations

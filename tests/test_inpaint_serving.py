@@ -169,3 +169,23 @@ def test_openai_edit_with_a_mask_and_nim_inpaint_equal_the_pipeline(gateway, ser
         client.images.edit(prompt="x", image=("a.png", png(image), "image/png"),
                            mask=("m.png", png(Image.new("RGBA", (64, 64))), "image/png"))
     assert caught.value.body["param"] == "mask" and "first image's size" in caught.value.body["message"]
+
+
+def test_nim_padding_mask_crop_equals_triton_and_is_refused_outside_inpaint(gateway, served):
+    from test_gateway import http_request
+
+    image, mask = picture(1024, 1024, 3), mask_of("rect", 1024, 1024)
+    with Flux2KleinClient(served.grpc_url) as client:
+        want = client.generate(PROMPT, seed=9, steps=2, image=png(image), mask=png(mask), strength=0.8,
+                               padding_mask_crop=16)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    answer = http_request(gateway.port, "POST", "/v1/infer", {
+        "prompt": PROMPT, "mode": "inpaint", "seed": 9, "steps": 2, "strength": 0.8, "padding_mask_crop": 16,
+        "image": [base64.b64encode(png(image)).decode()], "mask_image": base64.b64encode(png(mask)).decode()},
+        headers=headers)
+    assert answer.status == 200, answer
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer.json()["artifacts"][0]["base64"]))))
+    assert np.array_equal(got, want)
+    answer = http_request(gateway.port, "POST", "/v1/infer", {"prompt": "x", "steps": 1, "padding_mask_crop": 8},
+                          headers=headers)
+    assert answer.status == 422 and answer.json()["detail"].startswith("padding_mask_crop: only with mode 'inpaint'")

@@ -58,6 +58,10 @@ class InferRequest(BaseModel):
     strength: float | None = Field(None, ge=0, le=1, allow_inf_nan=False,
                                    description=f"mode 'inpaint': how much of image[0] to change, 0..1 (default "
                                                f"{api.DEFAULT_STRENGTH}); too small for any step is refused")
+    padding_mask_crop: int | None = Field(None, ge=0,
+                                          description="mode 'inpaint' with mask_image: inpaint only the box around "
+                                                      "the mask grown by this many pixels, pasted back (served "
+                                                      "by repositories built with --padding-mask-crop)")
     samples: int = Field(1, ge=1, le=MAX_SAMPLES,
                          description=f"images per request, 1..{MAX_SAMPLES}: image i uses seed + i and equals the "
                                      "request of one image with that seed")
@@ -75,14 +79,14 @@ class InferRequest(BaseModel):
             if self.mask_image is not None:
                 mask = decode_image(self.mask_image, 0, field="mask_image")
         else:
-            for name in ("mask_image", "strength"):
+            for name in ("mask_image", "strength", "padding_mask_crop"):
                 if getattr(self, name) is not None:
                     raise ApiError(422, f"{name}: only with mode 'inpaint' (image[0] is then the picture to change)")
         return Generation(
             prompt=self.prompt, seed=self.seed or random_seed(), samples=self.samples, width=self.width,
             height=self.height, steps=self.steps, guidance=self.cfg_scale, references=images,
             output_format=self.output_format, disable_safety_checker=self.disable_safety_checker,
-            image=picture, mask=mask, strength=self.strength,
+            image=picture, mask=mask, strength=self.strength, padding_mask_crop=self.padding_mask_crop,
         )
 
     @field_validator("image", mode="before")

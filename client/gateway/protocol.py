@@ -51,6 +51,7 @@ class Generation:
     image: bytes | None = None
     mask: bytes | None = None
     strength: float | None = None
+    padding_mask_crop: int | None = None  # NIM extension: Triton's input of that name
 
     @property
     def seeds(self) -> list[int]:

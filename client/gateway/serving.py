@@ -164,7 +164,7 @@ class ImageService:
             gen.prompt, width=gen.width, height=gen.height, seed=seed, steps=gen.steps, guidance=gen.guidance,
             references=gen.references, protocol="grpc",
             disable_safety_checker=True if gen.disable_safety_checker else None,
-            image=gen.image, mask=gen.mask, strength=gen.strength,
+            image=gen.image, mask=gen.mask, strength=gen.strength, padding_mask_crop=gen.padding_mask_crop,
         )
         triton_id = request_id if gen.samples == 1 else f"{request_id}.{index}"
         try:
