@@ -31,9 +31,10 @@ def markdown(report: dict[str, Any]) -> str:
                                "figure for a fixed request count includes up to 1 s of polling, see report.json's "
                                "throughput_reported)"),
         "- instances: " + ", ".join(f"{k} {v}" for k, v in s.get("instances", {}).items() if v is not None),
-        "- Triton's ONNX Runtime leaves: sessions from `flux2_klein.ort_session.make_session`, intra-op threads per "
-        "instance " + (", ".join(f"{k} {v}" for k, v in s.get("leaf_threads", {}).items()) or "not reported")
-        + "; the direct run makes its sessions with the same function (see its line below)",
+        "- Triton's leaves: threads per instance " + (", ".join(f"{k} {v}" for k, v in s.get("leaf_threads", {}).items())
+                                                      or "not reported")
+        + "; the direct run builds its networks as the served leaves do (ONNX Runtime: "
+          "`flux2_klein.ort_session.make_session`; torch: `torch_runtime.load_leaf`; its line below)",
         f"- {OVERHEAD_DEFINITION}. It is the only figure this report calls overhead.", "",
         "## Latency and throughput", "",
         "| concurrency | requests | images/s | p50 ms | p90 ms | p99 ms | avg ms | leaf compute ms "
