@@ -43,14 +43,15 @@ def _grow(lo: int, hi: int, want: float, limit: int) -> tuple[int, int]:
     return lo, min(hi, limit)
 
 
-def crop_region(mask, width: int, height: int, pad: int) -> Box:
-    """The box of `mask` (PIL, any mode; its grayscale is read) to inpaint at `width` x `height`.
-
-    The mask must have a non-zero pixel (the caller checks, see `has_region`)."""
+def crop_region(mask, width: int, height: int, pad: int) -> Box | None:
+    """The box of `mask` (PIL, any mode; its grayscale is read) to inpaint at `width` x `height`; None for a
+    mask without a non-zero pixel (no box: diffusers would divide by zero)."""
     gray = np.asarray(mask.convert("L"))
     h, w = gray.shape
     cols = np.flatnonzero(gray.any(axis=0))
     rows = np.flatnonzero(gray.any(axis=1))
+    if cols.size == 0:
+        return None
     x1, x2 = max(int(cols[0]) - pad, 0), min(int(cols[-1]) + 1 + pad, w)
     y1, y2 = max(int(rows[0]) - pad, 0), min(int(rows[-1]) + 1 + pad, h)
     aspect = width / height
@@ -59,11 +60,6 @@ def crop_region(mask, width: int, height: int, pad: int) -> Box:
     else:
         x1, x2 = _grow(x1, x2, (y2 - y1) * aspect, w)
     return x1, y1, x2, y2
-
-
-def has_region(mask) -> bool:
-    """Whether `mask` (PIL) has any non-zero pixel, i.e. whether a crop box exists."""
-    return bool(np.asarray(mask.convert("L")).any())
 
 
 def fill_resize(image, width: int, height: int):

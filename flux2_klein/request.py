@@ -372,10 +372,10 @@ def prepare_image(picture, mask, size: tuple[int, int], padding_mask_crop: int |
     crop = None
     cut_picture, cut_mask = picture, mask
     if padding_mask_crop is not None:
-        if not mask_crop.has_region(mask):
+        box = mask_crop.crop_region(mask, *size, padding_mask_crop)
+        if box is None:
             raise InvalidInput("padding_mask_crop", "the mask is black everywhere (it repaints nothing), so there "
                                                     "is no box to cut around it")
-        box = mask_crop.crop_region(mask, *size, padding_mask_crop)
         cut_picture = mask_crop.fill_resize(picture.crop(box), *size)
         cut_mask = mask_crop.fill_resize(mask.crop(box), *size)
         crop = (box, mask_crop.overlay(picture, mask))

@@ -216,7 +216,8 @@ def ensemble_config(specs: dict[str, NetworkSpec], safety: bool = False, postpro
     internal = {t.name: f"request_{t.name}" for t in (*SAMPLER_INPUTS, *(POSTPROCESS_INPUTS if postprocess else ()),
                                                        *((CHECK_OUTPUT,) if safety else ()))}
     (decoded,) = dec.outputs
-    stages = [s for s in ENSEMBLE_STAGES if s != POSTPROCESS_MODEL or postprocess]
+    built = {POSTPROCESS_MODEL: postprocess}  # stages.OPTIONAL_STAGES: in the ensemble only when built
+    stages = [s for s in ENSEMBLE_STAGES if built.get(s, True)]
     # The image's name after each stage that makes one: the last answers the ensemble's `image`.
     after = {"vae_decoder": "decoded_image", POSTPROCESS_MODEL: "final_image"}
     if not safety:
@@ -235,7 +236,7 @@ def ensemble_config(specs: dict[str, NetworkSpec], safety: bool = False, postpro
                     {t.name: t.name for t in dec.inputs}),
         "vae_decoder": ({t.name: t.name for t in dec.inputs}, {decoded.name: after["vae_decoder"]}),
         POSTPROCESS_MODEL: ({decoded.name: "decoded_image",
-                             **{t.name: internal.get(t.name, "") for t in POSTPROCESS_INPUTS}},
+                             **{t.name: internal.get(t.name) for t in POSTPROCESS_INPUTS}},  # used only if built
                             {decoded.name: after[POSTPROCESS_MODEL]}),
     }
     steps = [step(name, *wiring[name]) for name in stages]
