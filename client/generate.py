@@ -60,6 +60,9 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--padding-mask-crop", type=int, default=None, metavar="N",
                    help="inpaint only the box around the mask grown by N pixels (scaled up to the size, then "
                         "pasted back), as diffusers' padding_mask_crop (needs --mask)")
+    g.add_argument("--loras", default=None, metavar="NAME[:SCALE],...",
+                   help="LoRAs of the server's library for this image, e.g. style:0.8,detail (a repository "
+                        "built with --lora-library)")
     g.add_argument("--url", default=None, metavar="HOST:PORT",
                    help=f"Triton's endpoint (default {DEFAULT_URLS['grpc']} for grpc, {DEFAULT_URLS['http']} for http)")
     g.add_argument("--protocol", choices=PROTOCOLS, default="grpc", help="grpc (default) or http")
@@ -98,7 +101,7 @@ def run_generate(args: argparse.Namespace) -> int:
             image = client.generate(
                 args.prompt, width=width, height=height, seed=args.seed, steps=args.steps,
                 guidance=args.guidance, references=references, image=image, mask=mask, strength=args.strength,
-                padding_mask_crop=args.padding_mask_crop,
+                padding_mask_crop=args.padding_mask_crop, loras=args.loras,
             )
             elapsed = time.perf_counter() - start
     except GenerationError as e:

@@ -25,9 +25,13 @@ from typing import Any
 import numpy as np
 
 from flux2_klein.contract import MODEL_NAME, OUTPUT, Reference, input_arrays
+from flux2_klein.lora_library import served_names
+
 PROTOCOLS = ("grpc", "http")
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 DEFAULT_TIMEOUT_S = 600.0
+# The ensemble's first step: its config's parameters list the LoRA names the repository serves (repository.py).
+LORA_NAMES_MODEL = "preprocess"
 # How often a wait for readiness asks the server, and how often it says it is still waiting.
 _READY_POLL_S = 0.5
 _READY_REPORT_S = 5.0
@@ -148,6 +152,20 @@ def _proto_to_dict(message) -> dict:
     return out
 
 
+def config_parameters(config) -> dict[str, str]:
+    """A model's config parameters as {name: string_value}, from what either protocol's get_model_config gives:
+    gRPC's ModelConfigResponse (protobuf) or HTTP's config dict."""
+    if isinstance(config, dict):
+        return {k: (v or {}).get("string_value", "") for k, v in config.get("parameters", {}).items()}
+    return {k: v.string_value for k, v in config.config.parameters.items()}
+
+
+def lora_names_of(config) -> tuple[str, ...]:
+    """The LoRA names a repository serves, from its preprocess model's config (either protocol's form); ()
+    for a repository without a library (or built before there were libraries)."""
+    return served_names(config_parameters(config))
+
+
 def to_generation_error(error: BaseException, url: str, protocol: str, timeout_s: float | None = None) -> GenerationError:
     """One GenerationError for whatever tritonclient (or the socket under it) raised."""
     from tritonclient.utils import InferenceServerException
@@ -253,6 +271,7 @@ class Flux2KleinClient:
         mask: Reference | None = None,
         strength: float | None = None,
         padding_mask_crop: int | None = None,
+        loras=None,
     ) -> np.ndarray:
         """One image, as numpy uint8 [height, width, 3] RGB. None means "not sent": the server's default.
 
@@ -260,6 +279,8 @@ class Flux2KleinClient:
         image: the picture to change (inpainting; image-to-image without a mask), a file's bytes or path;
         mask: white repaints, black keeps, the image's size; strength: 0..1 (the server's default 0.8);
         padding_mask_crop: inpaint only the box around the mask grown by this many pixels, pasted back.
+        loras: LoRAs of the server's library, "name:scale,name" or {name: scale} (a repository built with
+        --lora-library).
         Raises GenerationError; a bad input gives status "INVALID_ARGUMENT" with the server's message.
         """
         if self._pending_wait_s:
@@ -269,7 +290,7 @@ class Flux2KleinClient:
         inputs = build_inputs(
             prompt, width=width, height=height, seed=seed, steps=steps, guidance=guidance,
             references=references, image=image, mask=mask, strength=strength,
-            padding_mask_crop=padding_mask_crop, protocol=self.protocol,
+            padding_mask_crop=padding_mask_crop, loras=loras, protocol=self.protocol,
         )
         if self.protocol == "http":
             outputs = [tc.InferRequestedOutput(OUTPUT.name, binary_data=True)]
@@ -340,6 +361,13 @@ class Flux2KleinClient:
             return _proto_to_dict(self._call(self._client.get_inference_statistics, self.model, **self._kw()))
         return self._call(self._client.get_inference_statistics, self.model)
 
+    def lora_names(self) -> tuple[str, ...]:
+        """The names of the server's LoRA library, what `generate(loras=...)` may name, in name order; () when
+        the repository serves none (built without --lora-library)."""
+        if self.protocol == "grpc":
+            return lora_names_of(self._call(self._client.get_model_config, LORA_NAMES_MODEL, **self._kw()))
+        return lora_names_of(self._call(self._client.get_model_config, LORA_NAMES_MODEL))
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
@@ -360,5 +388,5 @@ class Flux2KleinClient:
 
 __all__ = [
     "Flux2KleinClient", "GenerationError", "build_inputs", "input_arrays", "default_url", "to_generation_error",
-    "MODEL_NAME", "PROTOCOLS", "DEFAULT_URLS", "INVALID_ARGUMENT",
+    "lora_names_of", "MODEL_NAME", "PROTOCOLS", "DEFAULT_URLS", "INVALID_ARGUMENT",
 ]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from .contract import PRECISIONS, RUNTIMES, TENSORRT_PRECISION
 from .dtypes import COMPUTE_DTYPES
+from .lora_library import LIBRARY_ENV as LORA_LIBRARY_ENV
 from .repository import COMPILE_MODES
 from .progress import log, setup_logging
 
@@ -85,14 +87,15 @@ def _build(args) -> int:
             return 0
         build_repository(args.checkpoint, args.out, runtime="tensorrt", precision=args.precision or TENSORRT_PRECISION,
                          work=work, opt_level=args.opt_level, batching=_batching(args), guardrail=_guardrail(args),
-                         loras=args.lora, padding_mask_crop=args.padding_mask_crop)
+                         loras=args.lora, padding_mask_crop=args.padding_mask_crop,
+                         lora_library=args.lora_library or None)
         return 0
     torch_only = {"fp8_text_encoder": args.fp8_text_encoder, "warm_sizes": args.warm_sizes} \
         if args.runtime == "torch" else {}
     build_repository(args.checkpoint, args.out, runtime=args.runtime, dtype=args.dtype,
                      onnx_dir=args.onnx or None, device=args.device, compile=args.compile,
                      precision=args.precision, batching=_batching(args), guardrail=_guardrail(args), loras=args.lora,
-                     padding_mask_crop=args.padding_mask_crop, **torch_only)
+                     padding_mask_crop=args.padding_mask_crop, lora_library=args.lora_library or None, **torch_only)
     return 0
 
 
@@ -204,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", type=_lora_spec,
                    help="a diffusers-format klein LoRA fused into the weights before anything else, at SCALE "
                         "(default 1); repeatable, fused in order")
+    b.add_argument("--lora-library", default=os.environ.get(LORA_LIBRARY_ENV, ""), metavar="DIR",
+                   help="torch: a folder of <name>.safetensors LoRAs each request may pick from by its `loras` "
+                        f"input, unfused (default ${LORA_LIBRARY_ENV}; every file checked before the build)")
     b.add_argument("--guardrail", default="", metavar="FILE",
                    help="guardrail settings, JSON or TOML (docs/GUARDRAIL.md; default: FLUX2_KLEIN_GUARDRAIL* "
                         "variables, else the prompt check with the shipped blocklist)")

@@ -57,6 +57,9 @@ INPUTS = (
     ApiTensor("mask_image", "bytes", (1,), optional=True),
     ApiTensor("strength", "float32", (1,), optional=True),
     ApiTensor("padding_mask_crop", "int32", (1,), optional=True),
+    # LoRAs of the repository's library for this request, "name:scale,name" (flux2_klein/lora_library.py);
+    # absent or "": none.
+    ApiTensor("loras", "bytes", (1,), optional=True),
 )
 OUTPUT = ApiTensor("image", "uint8", ("height", "width", 3))
 INPUT_NAMES = tuple(t.name for t in INPUTS)
@@ -150,12 +153,14 @@ def input_arrays(
     mask: Reference | None = None,
     strength: float | None = None,
     padding_mask_crop: int | None = None,
+    loras=None,
 ) -> dict[str, tuple[str, np.ndarray]]:
     """The request's tensors as {input name: (KServe datatype, numpy array)}, in the contract's types.
 
     Inputs given as None (and an empty reference list) are left out, so the server's defaults apply.
     `image` (the picture to change, sent as `init_image`) and `mask` (`mask_image`: white repaints, black
-    keeps) are encoded files or paths, sent as they are, like references.
+    keeps) are encoded files or paths, sent as they are, like references. `loras`: "name:scale,name", or
+    {name: scale}, or names and (name, scale) pairs (lora_library.format_choice).
     BYTES tensors are numpy object arrays of `bytes`: an 'S' array would drop trailing NUL bytes,
     which an encoded image may well end with.
     """
@@ -196,6 +201,10 @@ def input_arrays(
             one[0] = _reference_bytes(value)
             arrays[name] = ("BYTES", one)
 
+    if loras is not None:
+        from .lora_library import format_choice
+
+        arrays["loras"] = ("BYTES", np.array([format_choice(loras).encode("utf-8")], dtype=np.object_))
     if disable_safety_checker is not None:
         if not isinstance(disable_safety_checker, (bool, np.bool_)):
             raise TypeError(f"disable_safety_checker must be a bool; got {disable_safety_checker!r}")

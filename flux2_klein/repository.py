@@ -23,11 +23,12 @@ from pathlib import Path
 from .checkpoint import load_checkpoint
 from .contract import PRECISIONS, RUNTIMES, TENSORRT_PRECISION
 from .dtypes import DEVICE_DTYPES
+from .lora_library import LIBRARY_PARAMETER, NAMES_PARAMETER
 from .progress import log, step
 from .specs import NETWORKS, network_specs
 from .triton_config import (
-    ENSEMBLE, GPU_INSTANCES, POSTPROCESS_MODEL, Batching, Instances, ensemble_config, leaf_config, postprocess_config,
-    preprocess_config, sampler_config, with_boundary,
+    ENSEMBLE, GPU_INSTANCES, LORA_INPUT, POSTPROCESS_MODEL, Batching, Instances, ensemble_config, leaf_config,
+    postprocess_config, preprocess_config, sampler_config, with_boundary,
 )
 
 # A Python model's glue: its model.py, from flux2_klein/model_repository/.
@@ -90,6 +91,7 @@ class TorchOptions:
     warm_sizes: str = ""
     max_dit_rows: int = 1
     warm_references: int = 4  # sizes.MAX_REFERENCES
+    lora_library: object = None  # flux2_klein.lora_library.Library: the DiT's per-request LoRAs
 
 
 def _torch_leaf(repo: Path, ckpt, spec, instances: Instances, *, dtype: str, onnx_dir,
@@ -104,7 +106,11 @@ def _torch_leaf(repo: Path, ckpt, spec, instances: Instances, *, dtype: str, onn
     params = {"checkpoint": checkpoint, "dtype": dtype, "fp8": str(fp8).lower(), "torch_compile": o.compile,
               "warm_sizes": o.warm_sizes, "max_dit_rows": str(o.max_dit_rows),
               "warm_references": str(o.warm_references), "intra_op_threads": "1"}
-    write_model(repo, spec.name, leaf_config(spec, instances, params), "torch")
+    extra_inputs = ()
+    if spec.name == "transformer" and o.lora_library is not None:
+        params[LIBRARY_PARAMETER] = o.lora_library.to_json()
+        extra_inputs = (LORA_INPUT,)
+    write_model(repo, spec.name, leaf_config(spec, instances, params, extra_inputs), "torch")
     return {"checkpoint": checkpoint, "dtype": dtype, "fp8": fp8, "torch_compile": o.compile,
             "warm_sizes": o.warm_sizes}
 
@@ -149,6 +155,9 @@ class BuildOptions:
     padding_mask_crop: serve the inpainting input `padding_mask_crop`: adds the `postprocess` model (its paste
       back after decoding) to the ensemble, a Python model every request then passes (stages.OPTIONAL_STAGES);
       without it the input is refused by name.
+    lora_library: a folder of `<name>.safetensors` LoRAs a request picks from by its `loras` input
+      (flux2_klein/lora_library.py): torch runtime only, eager, without FP8 GEMMs; every file is checked
+      against the checkpoint before any other work. Without it `loras` is refused by name.
     """
 
     runtime: str = "onnxruntime"
@@ -168,6 +177,7 @@ class BuildOptions:
     loras: tuple = ()
     warm_references: int | None = None
     padding_mask_crop: bool = False
+    lora_library: str | Path | None = None
 
     def resolved(self) -> BuildOptions:
         """These options with every default applied, or ValueError naming the first option refused."""
@@ -213,6 +223,8 @@ class BuildOptions:
         if o.runtime == "torch" and warm_sizes is None:
             warm_sizes = ("all" if compile else "1024x1024") if gpu else ""
         precision = o.precision or (TENSORRT_PRECISION if o.runtime == "tensorrt" else None)
+        if o.lora_library is not None:
+            _check_lora_library_options(o.runtime, compile, precision == "fp8" or o.fp8_text_encoder)
         return dataclasses.replace(o, device=device, compile=compile, instances=instances, dtype=dtype,
                                    boundary=boundary, warm_sizes=warm_sizes, precision=precision,
                                    batching=o.batching or Batching(), loras=tuple(o.loras))
@@ -223,6 +235,21 @@ class BuildOptions:
         return ("transformer",) * (self.precision == "fp8") + ("text_encoder",) * self.fp8_text_encoder
 
 
+def _check_lora_library_options(runtime: str, compile: str, fp8: bool) -> None:
+    """ValueError naming lora_library when this build cannot serve per-request LoRAs (lora_library.py says why)."""
+    if runtime != "torch":
+        raise ValueError(f"lora_library: per-request LoRAs run on the torch runtime only (unfused peft adapters); "
+                         f"{runtime} carries its weights inside its graphs or engines: fuse LoRAs at build time with "
+                         "--lora FILE[:SCALE], or build with --runtime torch")
+    if compile:
+        raise ValueError("lora_library: not with torch.compile yet: switching a request's LoRAs changes the "
+                         "adapters' Python state, which compiled graphs guard on (a recompile per new set); "
+                         "leave out --compile")
+    if fp8:
+        raise ValueError("lora_library: not with FP8 GEMMs yet: torchao's float8 layers under peft adapters are "
+                         "not verified here (no GPU); leave out --precision fp8 / --fp8-text-encoder")
+
+
 def build_repository(checkpoint: str | Path, out: str | Path, options: BuildOptions | None = None,
                      **fields) -> Path:
     """Assemble REPO from a checkpoint with `options` (BuildOptions, or its fields as keyword arguments),
@@ -230,6 +257,13 @@ def build_repository(checkpoint: str | Path, out: str | Path, options: BuildOpti
     if options is not None and fields:
         raise TypeError("build_repository: pass options or keyword fields, not both")
     o = (options or BuildOptions(**fields)).resolved()
+    library = None
+    if o.lora_library is not None:
+        from .lora_library import scan
+
+        with step(f"LoRA library {o.lora_library}"):
+            library = scan(o.lora_library, checkpoint)  # every file checked before any other work
+        log.info("LoRA library: %s", ", ".join(library.names))
     if o.loras:
         from .lora import fuse_loras
 
@@ -260,8 +294,9 @@ def build_repository(checkpoint: str | Path, out: str | Path, options: BuildOpti
         batching = dataclasses.replace(batching, max_dit_rows=min(batching.max_dit_rows, engine_rows))
     options = {}  # runtime-specific: only the torch writer takes options
     if runtime == "torch":
-        options["torch_options"] = TorchOptions(o.compile, o.fp8, o.warm_sizes, batching.max_dit_rows,
-                                                *(() if o.warm_references is None else (o.warm_references,)))
+        options["torch_options"] = TorchOptions(
+            o.compile, o.fp8, o.warm_sizes, batching.max_dit_rows, lora_library=library,
+            **({} if o.warm_references is None else {"warm_references": o.warm_references}))
     repo = Path(out)
     repo.mkdir(parents=True, exist_ok=True)
 
@@ -274,7 +309,8 @@ def build_repository(checkpoint: str | Path, out: str | Path, options: BuildOpti
         pre = write_model(repo, "preprocess",
                           preprocess_config(specs["text_encoder"], instances,
                                             {"is_distilled": str(ckpt.is_distilled).lower(),
-                                             "padding_mask_crop": str(o.padding_mask_crop).lower()}),
+                                             "padding_mask_crop": str(o.padding_mask_crop).lower(),
+                                             NAMES_PARAMETER: json.dumps(list(library.names) if library else [])}),
                           "preprocess")
         shutil.copytree(ckpt.component("tokenizer"), pre / "tokenizer", dirs_exist_ok=True)
         write_model(repo, "sampler",
@@ -302,6 +338,7 @@ def build_repository(checkpoint: str | Path, out: str | Path, options: BuildOpti
         "batching": dataclasses.asdict(batching), "guardrail": guardrail.to_dict(), "boundary": boundary,
         "padding_mask_crop": o.padding_mask_crop,
         **({"lora": _lora_manifest(checkpoint)} if o.loras else {}),
+        **({"lora_library": json.loads(library.to_json())} if library else {}),
     }
     (repo / "build.json").write_text(json.dumps(manifest, indent=1))
     log.info("repository ready: %s", repo)

@@ -57,6 +57,7 @@ from flux2_klein.contract import (
     DEFAULT_STRENGTH, INPUTS, MAX_STEPS, MIN_STEPS, Defaults, size_for_reference, strength_steps,
 )
 from flux2_klein.dtypes import DATATYPES
+from flux2_klein.lora_library import parse_choice
 from flux2_klein.sizes import (
     MAX_REFERENCES,
     PIXELS_PER_TOKEN_SIDE,
@@ -112,6 +113,8 @@ class Request:
     # RGBA [height, width, 4] (mask_crop.overlay), both for the paste after decoding; None without a crop.
     crop_box: tuple[int, int, int, int] | None = None
     overlay: np.ndarray | None = None
+    # The LoRAs of the repository's library this request runs with, in its order (lora_library.py); () none.
+    loras: tuple[tuple[str, float], ...] = ()
 
     @property
     def start_step(self) -> int | None:
@@ -196,12 +199,14 @@ def parse_prompt(value: np.ndarray | None) -> str:
 
 
 def parse_request(inputs: Mapping[str, np.ndarray | None], defaults: Defaults | None = None, *,
-                  crop_served: bool = True) -> Request:
+                  crop_served: bool = True, lora_names: tuple[str, ...] = ()) -> Request:
     """Validate a request's tensors, apply `defaults` (see `Defaults.for_checkpoint`) and decode the
     reference images. Inputs that are absent may be missing from `inputs` or map to None. `crop_served`:
-    whether the repository pastes a padding_mask_crop result back (built with --padding-mask-crop)."""
+    whether the repository pastes a padding_mask_crop result back (built with --padding-mask-crop);
+    `lora_names`: the LoRAs its library serves (built with --lora-library)."""
     defaults = defaults or Defaults()
     prompt = parse_prompt(inputs.get("prompt"))
+    loras = parse_loras(inputs.get("loras"), lora_names)
 
     height = _scalar(inputs, "height")
     width = _scalar(inputs, "width")
@@ -273,8 +278,28 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], defaults: Defaults | 
     return Request(
         prompt=prompt, width=width, height=height, seed=seed, num_inference_steps=steps,
         guidance_scale=guidance, references=references, image=image, mask=mask, strength=strength,
-        crop_box=None if crop is None else crop[0], overlay=None if crop is None else crop[1],
+        crop_box=None if crop is None else crop[0], overlay=None if crop is None else crop[1], loras=loras,
     )
+
+
+def parse_loras(value: np.ndarray | None, served: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
+    """The `loras` input (BYTES [1], "name:scale,name") as (name, scale) pairs of the served library."""
+    if value is None:
+        return ()
+    text = _as_bytes("loras", _check("loras", value, "BYTES", lambda shape: tuple(shape) == (1,))[0])
+    if len(text) > 4096:  # MAX_PER_REQUEST names of 64 characters with their scales fit in far less
+        raise InvalidInput("loras", f"{len(text)} bytes; at most 4096 (\"name:scale,name\")")
+    try:
+        text = text.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput("loras", "is not UTF-8 text (expected \"name:scale,name\")") from None
+    if text.strip() and not served:
+        raise InvalidInput("loras", "not served by this repository: it was built without a LoRA library; rebuild "
+                                    "with `flux2-klein build --runtime torch --lora-library DIR`")
+    try:
+        return parse_choice(text, served)
+    except ValueError as e:
+        raise InvalidInput("loras", str(e)) from None
 
 
 def parse_references(value: np.ndarray | None) -> list[np.ndarray]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .contract import strength_steps
+from .lora_library import format_choice, parse_choice
 from .sampling import Shape, mask_tokens
 from .sizes import latent_grid
 from .triton_config import SAMPLER_INPUTS
@@ -37,6 +38,7 @@ class SamplerRequest:
     image: np.ndarray | None = None  # uint8 [height, width, 3], inpainting / image-to-image
     mask: np.ndarray | None = None  # float32 [h*w, 1] (sampling.mask_tokens); None: all repainted
     strength: float = 1.0
+    loras: tuple[tuple[str, float], ...] = ()  # lora_library.parse_choice's pairs
 
     @property
     def start_step(self) -> int | None:
@@ -45,7 +47,8 @@ class SamplerRequest:
     @property
     def shape(self) -> Shape:
         grids = tuple(latent_grid(r.shape[1], r.shape[0]) for r in self.references)
-        return Shape(self.width, self.height, self.num_inference_steps, self.guided, grids, self.start_step)
+        return Shape(self.width, self.height, self.num_inference_steps, self.guided, grids, self.start_step,
+                     self.loras)
 
 
 def pack(req, guided: bool, negative: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
@@ -62,10 +65,19 @@ def pack(req, guided: bool, negative: tuple[np.ndarray, np.ndarray]) -> dict[str
         "image_pixels": np.zeros(0, np.uint8) if req.image is None else np.ascontiguousarray(req.image).reshape(-1),
         "mask_tokens": (np.zeros(0, np.float32) if req.mask is None
                         else mask_tokens(req.mask).numpy().reshape(-1)),
+        "loras": format_choice(req.loras).encode("utf-8"),
     }
     # The names, dtypes and order are SAMPLER_INPUTS' (triton_config.py, the sampler's config), stated there once.
-    return {t.name: np.asarray(values[t.name], dtype=t.dtype).reshape(1, *np.shape(values[t.name]) or (1,))
-            for t in SAMPLER_INPUTS}
+    return {t.name: _array(values[t.name], t.dtype) for t in SAMPLER_INPUTS}
+
+
+def _array(value, dtype: str) -> np.ndarray:
+    """One sampler input with its leading batch of 1; BYTES as a numpy object array (what Triton takes)."""
+    if dtype == "bytes":
+        array = np.empty((1, 1), dtype=np.object_)
+        array[0, 0] = value
+        return array
+    return np.asarray(value, dtype=dtype).reshape(1, *np.shape(value) or (1,))
 
 
 def unpack(arrays: dict[str, np.ndarray]) -> SamplerRequest:
@@ -78,8 +90,14 @@ def unpack(arrays: dict[str, np.ndarray]) -> SamplerRequest:
         references=unpack_references(arrays["reference_pixels"].reshape(-1), arrays["reference_shapes"].reshape(-1, 2)),
         negative_input_ids=arrays["negative_input_ids"].reshape(1, -1),
         negative_attention_mask=arrays["negative_attention_mask"].reshape(1, -1),
+        loras=parse_choice(_text(arrays["loras"])),
         **_picture(arrays, int(scalar("width")), int(scalar("height"))),
     )
+
+
+def _text(array: np.ndarray) -> str:
+    item = array.reshape(-1)[0]
+    return item.decode("utf-8") if isinstance(item, bytes) else str(item)
 
 
 def _picture(arrays: dict[str, np.ndarray], width: int, height: int) -> dict:

@@ -341,6 +341,9 @@ class Shape:
     reference_grids: tuple[tuple[int, int], ...] = ()
     # With an image (inpainting, image-to-image): the first step run after strength's cut; None without one.
     start_step: int | None = None
+    # The LoRAs every DiT call of the loop runs with (lora_library.parse_choice's pairs; () for none): one
+    # call, one set of adapters.
+    loras: tuple[tuple[str, float], ...] = ()
 
     @property
     def rows_per_job(self) -> int:

@@ -233,6 +233,7 @@ class Leaf:
     module: nn.Module
     summary: str
     monitor: LeafMonitor
+    adapters: object = None  # lora_library.Adapters: the DiT's LoRA library, when its repository has one
 
     def __call__(self, *args):
         return self.monitor.call(self.module, *args)
@@ -240,10 +241,11 @@ class Leaf:
 
 def load_leaf(checkpoint: str, network: str, *, dtype: str, device: torch.device, fp8: bool = False,
               compile_mode: str = "", warm_shapes: WarmShapes = WarmShapes(),
-              input_dtypes: dict[str, str] | None = None) -> Leaf:
+              input_dtypes: dict[str, str] | None = None, lora_library=None) -> Leaf:
     """The network's wrapper (networks.py) on `device`: weights in `dtype`, FP8 GEMMs if asked, compiled if asked,
     warmed on `warm_shapes` with its inputs in `input_dtypes` (name -> spec dtype name, the leaf's Triton
-    config; default the spec's float32 boundary)."""
+    config; default the spec's float32 boundary). `lora_library` (lora_library.Library, the transformer
+    only): every LoRA of it loaded as an unfused adapter, all disabled until a call activates its set."""
     from .checkpoint import load_checkpoint
     from .networks import load_wrapper
     from .specs import network_specs
@@ -258,6 +260,16 @@ def load_leaf(checkpoint: str, network: str, *, dtype: str, device: torch.device
         # its Triton stub took 803-825 ms against 1,360-1,499 (tiny checkpoint, 4 steps, A B A B, 2026-12-03);
         # the text encoder and the DiT did not move. The cost is the same: the heap stays at its peak.
         notes.append(keep_freed_memory())
+    adapters = None
+    if lora_library is not None:
+        from .lora_library import Adapters
+
+        if network != "transformer" or fp8 or compile_mode:
+            raise ValueError(f"lora_library: the eager DiT without FP8 takes LoRAs, not {network} (fp8={fp8}, "
+                             f"compile={compile_mode!r})")
+        adapters = Adapters(module.transformer, lora_library)
+        module.to(device).requires_grad_(False)  # the adapters' weights where the base weights are
+        notes.append(f"LoRA library of {len(adapters.names)} unfused: {', '.join(adapters.names)}")
     if fp8:
         chosen = fp8_layers(network, fp8_root(module, network))
         done = quantize_fp8(fp8_root(module, network), network)
@@ -273,4 +285,4 @@ def load_leaf(checkpoint: str, network: str, *, dtype: str, device: torch.device
     notes.append(f"loaded in {loaded:.1f} s, {count} shapes warmed in {seconds:.1f} s")
     if compile_mode:
         notes.append(f"{monitor.warm_compiles} graphs compiled while warming")
-    return Leaf(module, f"{network}: " + ", ".join(notes), monitor)
+    return Leaf(module, f"{network}: " + ", ".join(notes), monitor, adapters)

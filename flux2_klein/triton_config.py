@@ -43,6 +43,9 @@ SAMPLER_INPUTS = (
     Tensor("image_pixels", "uint8", ("bytes",)),
     Tensor("mask_tokens", "float32", ("tokens",)),
     Tensor("strength", "float32", (1,)),
+    # The request's LoRAs in lora_library's wire form ("" for none): part of the batch's Shape, and passed on
+    # to the DiT with each call.
+    Tensor("loras", "bytes", (1,)),
 )
 # References differ in size from request to request: the batcher may still put them in one execute()
 # (the sampler groups by shape itself).
@@ -54,6 +57,9 @@ POSTPROCESS_INPUTS = (Tensor("crop_box", "int32", (4,)), Tensor("overlay", "uint
 # preprocess's word to the guardrail's output check (the safety model, when the repository has one).
 CHECK_OUTPUT = Tensor("check_output", "bool", (1,))
 SAFETY_MODEL = "safety"
+# The torch DiT's one input beyond its spec's, in a repository with a LoRA library: the set the call runs with
+# (lora_library.py's wire form; absent: none). ONNX graphs and engines have no such input.
+LORA_INPUT = Tensor("loras", "bytes", (1,))
 # The network that takes the sampler's output; its input gets the batch dimension back (see leaf_inputs).
 SAMPLER_CONSUMER = "vae_decoder"
 
@@ -133,11 +139,12 @@ def _with_batch(t: Tensor) -> Tensor:
     return Tensor(t.name, t.dtype, (1, *t.shape))
 
 
-def leaf_inputs(spec: NetworkSpec) -> str:
-    """A leaf's input block. The sampler's consumer receives the sampler's output with its batch dimension
-    (a leading 1): Triton's `reshape` drops it before the network, whose tensors stay the spec's."""
+def leaf_inputs(spec: NetworkSpec, optional_inputs: tuple[Tensor, ...] = ()) -> str:
+    """A leaf's input block, with `optional_inputs` after the spec's (LORA_INPUT). The sampler's consumer
+    receives the sampler's output with its batch dimension (a leading 1): Triton's `reshape` drops it before
+    the network, whose tensors stay the spec's."""
     if spec.name != SAMPLER_CONSUMER:
-        return _io("input", spec.inputs)
+        return _io("input", (*spec.inputs, *optional_inputs), tuple(t.name for t in optional_inputs))
     body = ",\n".join(_tensor(_with_batch(t), reshape=t.shape) for t in spec.inputs)
     return f"input [\n{body}\n]"
 
@@ -167,12 +174,14 @@ def python_model(name: str, inputs, outputs, *, instances: int, kind: str, optio
     return "\n".join(p for p in parts if p) + "\n"
 
 
-def leaf_config(spec: NetworkSpec, instances: Instances, params: dict[str, str]) -> str:
+def leaf_config(spec: NetworkSpec, instances: Instances, params: dict[str, str],
+                optional_inputs: tuple[Tensor, ...] = ()) -> str:
     # Only the text encoder's answer depends on nothing but its inputs and is worth remembering: a
     # repeated prompt skips it. (Every model is deterministic, but the others' inputs rarely repeat.)
     cache = "response_cache { enable: true }" if spec.name == "text_encoder" else ""
     return python_model(spec.name, spec.inputs, spec.outputs, instances=getattr(instances, spec.name),
-                        kind=instances.kind, params=params, extra=cache, input_block=leaf_inputs(spec))
+                        kind=instances.kind, params=params, extra=cache,
+                        input_block=leaf_inputs(spec, optional_inputs))
 
 
 def preprocess_config(text_encoder: NetworkSpec, instances: Instances, params: dict[str, str]) -> str:

@@ -9,13 +9,16 @@ stays on the GPU: inputs arrive there (FORCE_CPU_ONLY_INPUT_TENSORS off), BLS as
 tensors cross by DLPack.
 """
 
+import functools
 import json
 
+import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
 from flux2_klein import sampler_io
 from flux2_klein.dtypes import torch_dtype
+from flux2_klein.lora_library import format_choice
 from flux2_klein.ort_session import one_torch_thread
 from flux2_klein.sampling import Job, plan_batches, sample_batch
 from flux2_klein.stages import encode_conditions
@@ -36,11 +39,12 @@ class TritonPythonModel:
             one_torch_thread()  # the loop's small tensors: more threads only wait on each other (ort_session.py)
         self.negatives = {}  # the negative prompt's tokens -> its embedding, on self.device
 
-    def _dit(self, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids):
-        (velocity,) = bls("transformer", {
-            "hidden_states": hidden_states, "encoder_hidden_states": encoder_hidden_states,
-            "timestep": timestep, "img_ids": img_ids, "txt_ids": txt_ids,
-        }, ["velocity"], self.device)
+    def _dit(self, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids, loras=()):
+        inputs = {"hidden_states": hidden_states, "encoder_hidden_states": encoder_hidden_states,
+                  "timestep": timestep, "img_ids": img_ids, "txt_ids": txt_ids}
+        if loras:  # only a DiT with a LoRA library has this input (preprocess refuses loras elsewhere)
+            inputs["loras"] = np.array([format_choice(loras).encode("utf-8")], dtype=np.object_)
+        (velocity,) = bls("transformer", inputs, ["velocity"], self.device)
         return velocity
 
     def _vae_encoder(self, image):
@@ -69,7 +73,8 @@ class TritonPythonModel:
         shape = first.shape
         try:
             latents = sample_batch(
-                self._dit, [jobs[i][1] for i in group], width=shape.width, height=shape.height,
+                functools.partial(self._dit, loras=shape.loras), [jobs[i][1] for i in group],
+                width=shape.width, height=shape.height,
                 num_steps=shape.num_steps, scheduler_config=self.scheduler_config, channels=self.channels,
                 do_cfg=shape.do_cfg, reference_grids=shape.reference_grids, device=self.device,
                 dit_dtype=self.dit_dtype, start_step=shape.start_step,

@@ -8,7 +8,8 @@ GPU tensors by DLPack. Thin glue: the wrapper is the logic.
 
 Config parameters: checkpoint (absolute path), dtype (fp32 | bf16 | fp16), fp8 ("true": FP8 GEMMs, see
 flux2_klein/torch_runtime.py), torch_compile ("" or a torch.compile mode), warm_sizes ("", "all" or WxH,...),
-max_dit_rows (the batches to warm), warm_references (the reference counts to warm, 0..4), intra_op_threads.
+max_dit_rows (the batches to warm), warm_references (the reference counts to warm, 0..4), intra_op_threads,
+lora_library (the DiT's per-request LoRAs, flux2_klein/lora_library.py: then an optional input `loras`).
 
 Warm-up uses the input dtypes this config declares (what Triton lets through). Every network call is timed
 and its compiles counted (flux2_klein/leaf_timing.py), exported as Triton custom metrics; a request that
@@ -23,8 +24,9 @@ import triton_python_backend_utils as pb_utils
 
 from flux2_klein.dtypes import CONFIG_DTYPES, torch_dtype
 from flux2_klein.leaf_timing import TritonMetrics
+from flux2_klein.lora_library import LIBRARY_PARAMETER, Library, parse_choice
 from flux2_klein.torch_runtime import WarmShapes, configure_torch, load_leaf
-from flux2_klein.triton_tensors import error_response, get_input, params, to_triton
+from flux2_klein.triton_tensors import error_response, get_input, get_numpy, params, to_triton
 
 
 def _output_dtype(config_type: str):
@@ -40,7 +42,9 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         options = params(config)
         self.name = config["name"]
-        self.inputs = [t["name"] for t in config["input"]]  # the wrapper's argument order (the spec's)
+        # The wrapper's argument order (the spec's); a DiT with a LoRA library also takes `loras`, optional.
+        self.inputs = [t["name"] for t in config["input"] if not t.get("optional", False)]
+        library = options.get(LIBRARY_PARAMETER)
         self.outputs = [t["name"] for t in config["output"]]
         # The wrappers answer float32 (their export's boundary); a bf16 boundary is declared in the config.
         self.output_dtypes = [_output_dtype(t["data_type"]) for t in config["output"]]
@@ -59,7 +63,9 @@ class TritonPythonModel:
                          warm_shapes=WarmShapes.parse(options.get("warm_sizes", ""),
                                                       int(options.get("max_dit_rows", "1")),
                                                       int(options.get("warm_references", "4"))),
-                         input_dtypes={t["name"]: CONFIG_DTYPES[t["data_type"]] for t in config["input"]})
+                         input_dtypes={t["name"]: CONFIG_DTYPES[t["data_type"]] for t in config["input"]
+                                       if t["name"] in self.inputs},
+                         lora_library=Library.from_json(library) if library else None)
         self.leaf = leaf
         self.metrics = TritonMetrics(pb_utils, self.name, args.get("model_instance_name", self.name))
         leaf.monitor.sink = self.metrics.record
@@ -70,6 +76,10 @@ class TritonPythonModel:
     def _run(self, request):
         with torch.inference_mode():
             args = [get_input(request, n).to(self.device) for n in self.inputs]
+            if self.leaf.adapters is not None:  # the set this call runs with (the sampler batches one set)
+                loras = get_numpy(request, "loras")
+                self.leaf.adapters.activate(() if loras is None else parse_choice(
+                    loras.reshape(-1)[0].decode("utf-8"), self.leaf.adapters.names))
             result = self.leaf(*args)
             if self.leaf.monitor.last_compiled:
                 pb_utils.Logger.log_error(

@@ -41,6 +41,24 @@ def tiny_pipe(tiny_ckpt):
     return pipe
 
 
+# A LoRA library for the tiny checkpoint (flux2_klein/lora_library.py): name -> (seed, targeted layers).
+LORA_LIBRARY = {"style": (1, ("to_q", "to_k", "to_v", "to_out.0", "to_qkv_mlp_proj")), "detail": (2, ("to_v",)),
+                "ink.v2": (3, ("to_q", "to_out.0"))}
+
+
+@pytest.fixture(scope="session")
+def lora_folder(tiny_ckpt, tmp_path_factory) -> Path:
+    """A folder of LORA_LIBRARY's files, `<name>.safetensors` each (tests/test_lora.py's make_lora)."""
+    from test_lora import make_lora
+
+    root = tmp_path_factory.mktemp("lora-library")
+    folder = root / "library"
+    folder.mkdir()
+    for name, (seed, targets) in LORA_LIBRARY.items():
+        make_lora(tiny_ckpt, root / "made" / name, seed=seed, targets=targets).rename(folder / f"{name}.safetensors")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def onnx_dir(tiny_ckpt, tmp_path_factory) -> Path:
     """All four networks of the tiny checkpoint exported to ONNX (fp32), once per session."""

@@ -58,3 +58,16 @@ class RuntimeParity:
         want, _ = _pipeline(inpaint_pipe, image, mask, float(np.float32(0.8)), None, -3)
         diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
         assert got.shape == want.shape and diff.max() <= 2, diff.max()
+
+    def test_loras_are_refused_by_name_without_a_library_and_empty_means_none(self, served, tiny_pipe):
+        from flux2_klein.client.triton_client import GenerationError
+        from test_serving import assert_equal_images, oracle
+
+        # This repository is built without --lora-library (tests/test_lora_serving.py serves one).
+        with Flux2KleinClient(served.grpc_url) as client:
+            with pytest.raises(GenerationError) as caught:
+                client.generate("a fox", steps=1, loras="style:0.8")
+            got = client.generate("a fox", width=1248, height=832, seed=11, loras="")
+        assert caught.value.invalid_argument, caught.value
+        assert "loras: not served by this repository" in caught.value.message, caught.value
+        assert_equal_images(got, oracle(tiny_pipe, "a fox", width=1248, height=832, seed=11))

@@ -30,6 +30,9 @@ def test_plan_batches_groups_one_shape_within_the_dit_rows_in_arrival_order():
     assert plan_batches([G], max_rows=1) == [[0]]  # alone it still runs (the DiT decides)
     assert plan_batches([A, Shape(1024, 1024, 8, False), G, Shape(1024, 1024, 4, False, ((64, 48),))], 8) == \
         [[0], [1], [2], [3]]  # steps, guidance and reference grids all split
+    style = Shape(1024, 1024, 4, False, loras=(("style", 0.8),))
+    assert plan_batches([A, style, A, Shape(1024, 1024, 4, False, loras=(("style", 1.0),)), style], 8) == \
+        [[0, 2], [1, 4], [3]]  # one DiT call runs one set of LoRAs: names and scales split
     with pytest.raises(ValueError, match="max_rows"):
         plan_batches([A], 0)
 
@@ -91,19 +94,23 @@ def test_preprocess_hands_the_sampler_one_request_with_its_batch_dimension():
     from flux2_klein.request import Request
 
     req = Request(prompt="p", height=832, width=1248, seed=-5, num_inference_steps=6, guidance_scale=4.0,
-                  references=[np.full((64, 48, 3), 7, np.uint8), np.full((32, 80, 3), 9, np.uint8)])
+                  references=[np.full((64, 48, 3), 7, np.uint8), np.full((32, 80, 3), 9, np.uint8)],
+                  loras=(("style", 0.8), ("ink.v2", -1.5)))
     negative = (np.arange(512, dtype=np.int64)[None], np.ones((1, 512), np.int64))
     arrays = sampler_io.pack(req, True, negative)
     assert list(arrays) == [t.name for t in SAMPLER_INPUTS]
     for t in SAMPLER_INPUTS:  # a leading 1, then the sampler's declared shape and type
         a = arrays[t.name]
-        assert a.shape[0] == 1 and a.ndim == len(t.shape) + 1 and a.dtype == np.dtype(np.bool_ if t.dtype == "bool" else t.dtype)
+        want = {"bool": np.bool_, "bytes": np.object_}.get(t.dtype, t.dtype)
+        assert a.shape[0] == 1 and a.ndim == len(t.shape) + 1 and a.dtype == np.dtype(want)
         assert all(d == s for d, s in zip(a.shape[1:], t.shape) if isinstance(s, int))
     back = sampler_io.unpack(arrays)
     assert (back.width, back.height, back.seed, back.num_inference_steps, back.guidance_scale, back.guided) == \
         (1248, 832, -5, 6, 4.0, True)
     assert [r.tolist() for r in back.references] == [r.tolist() for r in req.references]
-    assert back.shape == Shape(1248, 832, 6, True, ((4, 3), (2, 5)))
+    # The LoRA set is part of the shape: requests with another set run in another loop.
+    assert back.shape == Shape(1248, 832, 6, True, ((4, 3), (2, 5)), None, (("style", 0.8), ("ink.v2", -1.5)))
+    assert arrays["loras"][0, 0] == b"style:0.8,ink.v2:-1.5"
     assert np.array_equal(back.negative_input_ids, negative[0])
 
 

@@ -225,7 +225,8 @@ def test_settings_from_env_defaults_and_errors():
         "bf16", "onnxruntime", True, ("--host", "0.0.0.0"), "k")
     for env, words in [({"FLUX2_KLEIN_PRECISION": "int4"}, "fp8, bf16"), ({"FLUX2_KLEIN_RUNTIME": "tvm"}, "tensorrt"),
                        ({"FLUX2_KLEIN_GATEWAY_PORT": "http"}, "port number"), ({"FLUX2_KLEIN_GATEWAY_PORT": "8001"}, "must all differ"),
-                       ({"FLUX2_KLEIN_STOP_TIMEOUT": "soon"}, "seconds")]:
+                       ({"FLUX2_KLEIN_STOP_TIMEOUT": "soon"}, "seconds"),
+                       ({"FLUX2_KLEIN_LORA_LIBRARY": "/loras"}, "LORA_LIBRARY: .*torch runtime only.*FLUX2_KLEIN_LORAS")]:
         with pytest.raises(ConfigError, match=words):
             Settings.from_env(env)
 

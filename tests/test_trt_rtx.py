@@ -229,3 +229,17 @@ def test_a_failed_build_keeps_its_finished_engines_and_the_next_build_builds_onl
         served = tmp_path / "second" / name / "1" / "model.plan"
         assert served.read_bytes() == (w / "engines" / name / "model.plan").read_bytes()
         assert (served.with_suffix(".json")).is_file()
+
+
+def test_the_refit_probe_builds_the_plain_dit_and_records_what_a_cpu_cannot(work, tiny_ckpt, tmp_path):
+    """bench/trt_refit_probe.py (the number behind lora_library.py's refusal on tensorrt) as a user runs it."""
+    out = tmp_path / "refit.json"
+    r = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "bench" / "trt_refit_probe.py"),
+                        "--onnx", str(work / "bf16" / "transformer" / "model.onnx"), "--checkpoint", str(tiny_ckpt),
+                        "--repeats", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert len(result["build_s"]["plain"]) == 1 and result["engine_bytes"]["plain"] > 0
+    # Either the refittable engine was built (then its size is recorded) or why not is.
+    assert "refit" in result["engine_bytes"] or result["build_failures"]["refit"]
+    assert result.get("refittable_weights") or result["refit"].startswith("not measurable here")

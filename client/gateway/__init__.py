@@ -9,7 +9,7 @@ models (protocol), its service without HTTP (serving) and its routes (router); t
     nim_serving.py      /v1/infer without HTTP             openai_serving.py   generations, edits without HTTP
     nim_router.py       POST /v1/infer                     openai_router.py    /v1/images/*, OpenAI-shaped errors
     serving.py          ImageService: Triton, readiness, generation, the audit line
-    responses.py        encoding the images, base64 JSON   ops_router.py    health, models, metrics
+    responses.py        encoding the images, base64 JSON   ops_router.py    health, models and LoRAs, metrics
     guard.py            request ids, API key, rate, body size and concurrency limits (one middleware)
     access.py           named API keys, the rate limiter   metrics.py       every counter, one object
     docs.py             /docs: Swagger UI from a package

@@ -61,7 +61,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app = FastAPI(
         title="FLUX.2 [klein] gateway",
         description=f"NVIDIA NIM's and OpenAI's image APIs for the Triton model {settings.model}: text-to-image "
-                    f"and editing with up to {MAX_REFERENCES} reference images.",
+                    f"and editing with up to {MAX_REFERENCES} reference images, with LoRAs of the server's library per "
+                    "request where it serves one (GET /v1/loras).",
         version="1",
         lifespan=lifespan,
         docs_url=None,  # add_docs_route serves it, with Swagger UI's files from a package

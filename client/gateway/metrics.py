@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 
-PATHS = ("/v1/infer", "/v1/health/live", "/v1/health/ready", "/v1/models", "/v1/metrics", "/docs",
+PATHS = ("/v1/infer", "/v1/health/live", "/v1/health/ready", "/v1/models", "/v1/loras", "/v1/metrics", "/docs",
          "/docs/oauth2-redirect", "/openapi.json", "/v1/images/generations", "/v1/images/edits")
 # The requests that generate images: each takes a concurrency slot, once its body is read (guard.py).
 GENERATING_PATHS = frozenset({"/v1/infer", "/v1/images/generations", "/v1/images/edits"})

@@ -15,8 +15,8 @@ from flux2_klein.request import MAX_PROMPT_CHARS
 from flux2_klein.sizes import DEFAULT_SIZE, MAX_REFERENCES, size_names
 
 from .protocol import (
-    INT64_MAX, MAX_SAMPLES, ApiError, ErrorBody, Generation, check_prompt, check_seeds, parse_json_object, random_seed,
-    validation_detail,
+    INT64_MAX, LORAS_DESCRIPTION, MAX_SAMPLES, ApiError, ErrorBody, Generation, Loras, check_loras, check_prompt,
+    check_seeds, parse_json_object, random_seed, validation_detail,
 )
 
 # NIM's `mode`: klein has one variant, "base"; "inpaint" is this gateway's extension (image[0] is the picture
@@ -62,6 +62,9 @@ class InferRequest(BaseModel):
                                           description="mode 'inpaint' with mask_image: inpaint only the box around "
                                                       "the mask grown by this many pixels, pasted back (served "
                                                       "by repositories built with --padding-mask-crop)")
+    loras: Loras | None = Field(
+        None, description=LORAS_DESCRIPTION + " (served by repositories built with --lora-library)",
+        examples=["style:0.8,detail"])
     samples: int = Field(1, ge=1, le=MAX_SAMPLES,
                          description=f"images per request, 1..{MAX_SAMPLES}: image i uses seed + i and equals the "
                                      "request of one image with that seed")
@@ -70,6 +73,7 @@ class InferRequest(BaseModel):
 
     def generation(self) -> Generation:
         check_seeds(self.seed, self.samples, "samples")
+        loras = check_loras(self.loras)
         images = [decode_image(text, i) for i, text in enumerate(self.image or [])]
         picture = mask = None
         if self.mode == "inpaint":
@@ -87,6 +91,7 @@ class InferRequest(BaseModel):
             height=self.height, steps=self.steps, guidance=self.cfg_scale, references=images,
             output_format=self.output_format, disable_safety_checker=self.disable_safety_checker,
             image=picture, mask=mask, strength=self.strength, padding_mask_crop=self.padding_mask_crop,
+            loras=loras,
         )
 
     @field_validator("image", mode="before")

@@ -7,12 +7,13 @@ from fastapi import APIRouter, Request
 from .access import UNKNOWN
 from .nim_protocol import ERRORS, InferRequest, InferResponse
 from .nim_serving import NimServing
+from .protocol import body_schema
 from .responses import ImagesResponse
 
 
 def nim_router(serving: NimServing) -> APIRouter:
     router = APIRouter()
-    request_schema = InferRequest.model_json_schema()
+    request_schema = body_schema(InferRequest)
 
     @router.post(
         "/v1/infer", response_model=InferResponse, responses=ERRORS,

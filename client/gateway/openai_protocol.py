@@ -7,8 +7,10 @@ backgrounds, sizes other than the 17); what only tunes OpenAI's own models (qual
 user) is accepted and has no effect. An edit with a `mask` is inpainting: the first image is the picture to
 change (the Triton model's init_image), the others references, and the mask's fully transparent pixels
 (OpenAI's convention) become the white, repainted part of the model's mask_image. `seed`, `steps`,
-`cfg_scale`, `strength` and `disable_safety_checker` are this gateway's extensions (pass them with the
-client's `extra_body`)."""
+`cfg_scale`, `strength`, `disable_safety_checker` and `loras` are this gateway's extensions (pass them with the
+client's `extra_body`). `model` is the served model's name (or absent), or the name of one LoRA of the
+server's library, which then applies at scale 1 before any the `loras` field names (GET /v1/models lists both,
+as vLLM lists its LoRA adapters); any other name is refused by name."""
 
 from __future__ import annotations
 
@@ -21,10 +23,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from flux2_klein import contract as api
+from flux2_klein.lora_library import RESERVED
 from flux2_klein.sizes import MAX_REFERENCES, SIZES, parse_size, size_names
 
 from .protocol import (
-    INT64_MAX, MAX_SAMPLES, ApiError, Generation, check_prompt, check_seeds, random_seed, validation_detail,
+    INT64_MAX, LORAS_DESCRIPTION, MAX_SAMPLES, ApiError, Generation, Loras, body_schema, check_loras, check_prompt,
+    check_seeds, random_seed, validation_detail,
 )
 
 IMAGES_PREFIX = "/v1/images/"
@@ -42,7 +46,8 @@ class ImagesRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(description="the text prompt (UTF-8; may be empty)")
-    model: str | None = Field(None, description="any name: this gateway serves one model")
+    model: str | None = Field(None, description="the served model (absent: the same), or one LoRA of its library "
+                                                "at scale 1: a name GET /v1/models lists")
     n: int | None = Field(1, ge=1, le=MAX_SAMPLES, description=f"images, 1..{MAX_SAMPLES}: image i uses seed + i")
     size: str | None = Field("auto", description=f"WIDTHxHEIGHT, one of {size_names()}; or auto: 1024x1024, or "
                                                   "for an edit the size nearest the first image's aspect ratio")
@@ -66,6 +71,9 @@ class ImagesRequest(BaseModel):
     strength: float | None = Field(None, ge=0, le=1, allow_inf_nan=False,
                                    description=f"an edit with a mask: how much to change, 0..1 (default "
                                                f"{api.DEFAULT_STRENGTH})")
+    loras: Loras | None = Field(
+        None, description=LORAS_DESCRIPTION + "; after the LoRA `model` names, if it names one (an edit's form "
+                          "field: the \"name:scale,name\" form)", examples=["style:0.8,detail"])
 
     @field_validator("output_format", mode="before")
     @classmethod
@@ -90,12 +98,24 @@ class ImagesRequest(BaseModel):
             mask = openai_mask(mask, image)
         elif self.strength is not None:
             raise ApiError(422, "strength: only for an edit with a mask")
+        loras = check_loras(self.loras)
         return Generation(
             prompt=self.prompt, seed=random_seed() if self.seed is None else self.seed, samples=n, width=width,
             height=height, steps=self.steps, guidance=self.cfg_scale, references=references,
             output_format=self.output_format or "png", output_quality=self.output_compression,
             disable_safety_checker=self.disable_safety_checker, image=image, mask=mask, strength=self.strength,
+            loras=loras,
         )
+
+
+def names_base_model(model: str | None, served: str) -> bool:
+    """Whether OpenAI's `model` means the served model itself: absent, its name, or flux2_klein / flux2-klein."""
+    return model is None or model == served or model.lower() in RESERVED
+
+
+def unknown_model(model: str, served: str, lora_names: tuple[str, ...]) -> ApiError:
+    """OpenAI's answer to a model it does not have (400, param `model`), listing what is served."""
+    return ApiError(422, f"model: {model!r} is not served here; served: {', '.join((served, *lora_names))}")
 
 
 def openai_mask(data: bytes, image: bytes) -> bytes:
@@ -134,7 +154,7 @@ def validated(data: dict, strict: bool) -> ImagesRequest:
 
 def request_schemas() -> tuple[dict, dict]:
     """The OpenAPI schemas of the generations body (JSON) and of the edits form (the fields and the files)."""
-    schema = ImagesRequest.model_json_schema()
+    schema = body_schema(ImagesRequest)
     edit_schema = {**schema, "required": ["prompt", "image"], "properties": {**schema["properties"], "image": {
         "type": "array", "items": {"type": "string", "format": "binary"}, "maxItems": MAX_REFERENCES,
         "description": f"1..{MAX_REFERENCES} reference images (PNG, JPEG, WebP); also accepted as image[]"}}}

@@ -9,8 +9,8 @@ import time
 from flux2_klein.sizes import MAX_REFERENCES
 
 from .access import UNKNOWN, Caller
-from .openai_protocol import CONTENT_POLICY, validated
-from .protocol import ApiError, parse_json_object
+from .openai_protocol import CONTENT_POLICY, ImagesRequest, names_base_model, unknown_model, validated
+from .protocol import ApiError, Generation, check_loras, parse_json_object
 from .responses import Base64
 from .serving import Image, ImageService
 
@@ -21,7 +21,7 @@ class OpenAIServingImages:
 
     async def generations(self, raw: bytes, request_id: str, caller: Caller = UNKNOWN) -> dict:
         body = validated(parse_json_object(raw), strict=True)
-        generation = body.generation([])
+        generation = await self._with_model(body, body.generation([]))
         images = await self.service.generate(generation, request_id, caller)
         return _answer(_refuse_filtered(images), generation.output_format)
 
@@ -35,9 +35,22 @@ class OpenAIServingImages:
         for i, data in enumerate(images):
             if not data:
                 raise ApiError(422, f"image[{i}]: empty; expected a PNG, JPEG or WebP file")
-        generation = validated(fields, strict=False).generation(images, mask)
+        body = validated(fields, strict=False)
+        generation = await self._with_model(body, body.generation(images, mask))
         answer = await self.service.generate(generation, request_id, caller)
         return _answer(_refuse_filtered(answer), generation.output_format)
+
+    async def _with_model(self, body: ImagesRequest, generation: Generation) -> Generation:
+        """`generation` (every field checked) with the LoRA `model` names first in its set, when it names one;
+        ApiError naming `model` when it names neither the served model nor a LoRA of its library."""
+        served = self.service.settings.model
+        if names_base_model(body.model, served):
+            return generation
+        names = await self.service.lora_names(wanted=body.model)
+        if body.model not in names:
+            raise unknown_model(body.model, served, names)
+        generation.loras = check_loras(body.loras, first=(body.model,))
+        return generation
 
 
 def _answer(images: list[Image], output_format: str) -> dict:

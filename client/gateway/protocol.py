@@ -9,12 +9,13 @@ import json
 import re
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Union
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 from starlette.responses import JSONResponse
 
 from flux2_klein import contract as api
+from flux2_klein import lora_library
 from flux2_klein.request import MAX_PROMPT_CHARS
 from flux2_klein.sizes import DEFAULT_SIZE, SIZES, size_names
 
@@ -52,10 +53,75 @@ class Generation:
     mask: bytes | None = None
     strength: float | None = None
     padding_mask_crop: int | None = None  # NIM extension: Triton's input of that name
+    # LoRAs of the server's library, in order, checked in form (check_loras); whether they are served is
+    # Triton's call. (): none, and no `loras` input is sent (a repository without a library takes that too).
+    loras: tuple[tuple[str, float], ...] = ()
 
     @property
     def seeds(self) -> list[int]:
         return [self.seed + i for i in range(self.samples)]
+
+
+class LoraChoice(BaseModel):
+    """One LoRA of the server's library, in the list form of the `loras` field."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(description="a name GET /v1/loras lists")
+    scale: float = Field(1.0, allow_inf_nan=False, description=f"its weight, -{lora_library.MAX_SCALE:g}.."
+                                                                f"{lora_library.MAX_SCALE:g} (default 1)")
+
+
+# The `loras` field's two forms; validated as the one its JSON type picks, so that an error is about that form
+# alone (its tag is left out of the field's name: _field_name).
+Loras = Annotated[Union[Annotated[str, Tag("str")], Annotated[list[LoraChoice], Tag("list[LoraChoice]")]],
+                  Discriminator(lambda value: "list[LoraChoice]" if isinstance(value, list) else "str")]
+# The models inside a body's fields, by field: what an unknown field there is told it may be.
+NESTED_FIELDS = {"loras": list(LoraChoice.model_fields)}
+
+LORAS_DESCRIPTION = (
+    f"LoRAs of the server's library (GET /v1/loras) for this request: \"name:scale,name\" (scale default 1, "
+    f"-{lora_library.MAX_SCALE:g}..{lora_library.MAX_SCALE:g}) or a list of {{\"name\", \"scale\"}}; at most "
+    f"{lora_library.MAX_PER_REQUEST}, applied in order")
+
+
+def body_schema(model: type[BaseModel]) -> dict:
+    """A request model's JSON schema with its nested models written in place: it goes into the OpenAPI
+    description as a route's body, where pydantic's "#/$defs/..." references would point nowhere."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(value):
+        if isinstance(value, dict):
+            if "$ref" in value:
+                return inline(defs[value["$ref"].rsplit("/", 1)[-1]])
+            return {k: inline(v) for k, v in value.items()}
+        return [inline(v) for v in value] if isinstance(value, list) else value
+
+    return inline(schema)
+
+
+def check_loras(value: Loras | None, first: tuple[str, ...] = (),
+                field: str = "loras") -> tuple[tuple[str, float], ...]:
+    """The `loras` field (the wire form, or a list of LoraChoice) as (name, scale) pairs, after the LoRAs
+    `first` names at scale 1 (OpenAI's `model` naming one); ApiError 422 naming the field when it is not a
+    valid set (lora_library.parse_choice's rules). Names are not checked against the library: Triton does."""
+    pairs = [(name, 1.0) for name in first]
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            # Checked here, not by parse_choice: a name holding ',' or ':' would read as more than one entry.
+            if not lora_library.NAME.fullmatch(item.name):
+                raise ApiError(422, f"{field}[{i}]: {item.name!r} is not a LoRA name (letters, digits, '_', '.', "
+                                    "'-', at most 64)")
+        pairs += [(item.name, item.scale) for item in value]
+        text = lora_library.format_choice(pairs)
+    else:
+        text = ",".join(filter(None, (lora_library.format_choice(pairs), value or "")))
+    try:
+        return lora_library.parse_choice(text)
+    except ValueError as e:
+        also = f" (with model's LoRA {first[0]!r} first)" if first else ""
+        raise ApiError(422, f"{field}: {e}{also}") from None
 
 
 class ApiError(Exception):
@@ -91,7 +157,7 @@ def _field_name(loc) -> str:
     for part in loc:
         if isinstance(part, int):
             name += f"[{part}]"
-        elif part in ("list[str]", "str"):  # a union member's tag, not a field
+        elif part == "str" or re.fullmatch(r"list\[\w+\]", str(part)):  # a union member's tag, not a field
             continue
         else:
             name += ("." if name else "") + str(part)
@@ -105,7 +171,10 @@ def validation_detail(errors: list[dict], allowed: list[str]) -> str:
         field = _field_name(err.get("loc", ()))
         kind = err.get("type", "")
         if kind == "extra_forbidden":
-            parts.append(f"{field}: unknown field; allowed fields: {', '.join(allowed)}")
+            top = re.match(r"[^.\[]*", field).group()
+            fields = allowed if field == top else NESTED_FIELDS.get(top, [])
+            parts.append(f"{field}: unknown field; allowed fields: {', '.join(fields)}" if fields else
+                         f"{field}: unknown field")
         elif kind == "missing":
             parts.append(f"{field}: required")
         elif kind == "string_unicode":

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from flux2_klein.contract import OUTPUT
+from flux2_klein.lora_library import format_choice
 from flux2_klein.sizes import DEFAULT_SIZE
 
-from ..triton_client import INVALID_ARGUMENT, build_inputs, to_generation_error
+from ..triton_client import INVALID_ARGUMENT, LORA_NAMES_MODEL, build_inputs, lora_names_of, to_generation_error
 from .access import UNKNOWN, Caller
 from .metrics import Metrics
 from .protocol import ApiError, Generation, api_message, check_size
@@ -55,6 +56,7 @@ class ImageService:
         self.metrics = metrics
         self.client = None  # tritonclient.grpc.aio.InferenceServerClient, made inside the event loop
         self.created = int(time.time())
+        self._lora_names: tuple[str, ...] = ()  # what Triton last said it serves (lora_names)
 
     async def open(self) -> None:
         # Why tritonclient.grpc.aio rather than the synchronous Flux2KleinClient in a thread pool: an await
@@ -103,6 +105,30 @@ class ImageService:
         except InferenceServerException as e:
             return False, to_generation_error(e, self.settings.triton_url, "grpc", READY_TIMEOUT_S).message
         return True, f"{where} and model {self.settings.model} are ready"
+
+    async def lora_names(self, wanted: str | None = None) -> tuple[str, ...]:
+        """The names of the LoRA library Triton serves (its preprocess model's config), in name order; () for a
+        repository without one. Read when first needed and kept; read again while none are known, or when
+        `wanted` is not among them (the server may have been rebuilt with a new library since). ApiError 503
+        when Triton can't be asked."""
+        from tritonclient.utils import InferenceServerException
+
+        if self._lora_names and (wanted is None or wanted in self._lora_names):
+            return self._lora_names
+        s = self.settings
+        try:
+            async with asyncio.timeout(READY_TIMEOUT_S):
+                config = await self.client.get_model_config(LORA_NAMES_MODEL, client_timeout=READY_TIMEOUT_S)
+        except TimeoutError:
+            why = f"Triton at {s.triton_url} did not answer within {READY_TIMEOUT_S} s"
+        except InferenceServerException as e:
+            why = to_generation_error(e, s.triton_url, "grpc", READY_TIMEOUT_S).message
+        else:
+            self._lora_names = lora_names_of(config)
+            return self._lora_names
+        log.warning("cannot read the served LoRA names: %s", why)
+        raise ApiError(503, f"cannot read the served LoRA names from the inference server ({why}); retry later",
+                       {"Retry-After": str(s.retry_after_s)})
 
     async def generate(self, gen: Generation, request_id: str, caller: Caller = UNKNOWN) -> list[Image]:
         """`generate_images`, then the request's audit line and its outcome in the metrics."""
@@ -165,6 +191,7 @@ class ImageService:
             references=gen.references, protocol="grpc",
             disable_safety_checker=True if gen.disable_safety_checker else None,
             image=gen.image, mask=gen.mask, strength=gen.strength, padding_mask_crop=gen.padding_mask_crop,
+            loras=format_choice(gen.loras) if gen.loras else None,
         )
         triton_id = request_id if gen.samples == 1 else f"{request_id}.{index}"
         try:

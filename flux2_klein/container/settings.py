@@ -37,6 +37,8 @@ ENV_VARS: tuple[tuple[str, str, str], ...] = (
                                       "change it when weights changed where the fingerprint does not look"),
     ("FLUX2_KLEIN_LORAS", "", "klein LoRAs fused into the weights before the build, FILE[:SCALE] comma-separated "
                              "(mounted read-only); their bytes and scales are part of the profile key"),
+    ("FLUX2_KLEIN_LORA_LIBRARY", "", "refused here: LoRAs chosen per request run on the torch runtime, which the "
+                                    "container does not serve; fuse LoRAs with FLUX2_KLEIN_LORAS"),
     ("FLUX2_KLEIN_GUARDRAIL", "", "the guardrail's settings file (docs/GUARDRAIL.md); FLUX2_KLEIN_GUARDRAIL_* variables "
                                  "override it; default: the prompt check with the shipped blocklist"),
     ("FLUX2_KLEIN_REBUILD", "0", "1: rebuild the repository on this start even when the cached one is fresh"),
@@ -118,6 +120,12 @@ class Settings:
             raise ConfigError(f"FLUX2_KLEIN_STOP_TIMEOUT: {get('FLUX2_KLEIN_STOP_TIMEOUT')!r} is not a number of seconds") from None
         if get("FLUX2_KLEIN_ONNX_DIR") and choice("FLUX2_KLEIN_RUNTIME", RUNTIMES) == "tensorrt":
             raise ConfigError(ONNX_DIR_TENSORRT)
+        if get("FLUX2_KLEIN_LORA_LIBRARY"):
+            raise ConfigError("FLUX2_KLEIN_LORA_LIBRARY: LoRAs chosen per request run on the torch runtime only "
+                              "(flux2_klein/lora_library.py); this container serves tensorrt or onnxruntime, whose "
+                              "weights are inside the engines: fuse LoRAs at build time with FLUX2_KLEIN_LORAS "
+                              "(FILE[:SCALE],...), or serve `flux2-klein build --runtime torch --lora-library DIR` "
+                              "outside it")
         from ..guardrail import load_settings
         from ..lora import LoraError, LoraSpec
 
