@@ -29,7 +29,6 @@ measures it, repository.BuildOptions refuses a library on those runtimes by name
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -38,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .contract import MODEL_NAME
+from .files import file_sha256
 from .lora import TRANSFORMER, LoraError
 
 SUFFIX = ".safetensors"
@@ -140,14 +140,6 @@ def format_choice(choice) -> str:
 # ------------------------------------------------------------------------------------- the library
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _base_shapes(checkpoint: Path) -> dict[str, tuple[int, ...]]:
     """The transformer's weight names and shapes, read from the safetensors headers (no weights loaded)."""
     from safetensors import safe_open
@@ -228,7 +220,7 @@ def scan(folder: str | Path, checkpoint: str | Path) -> Library:
                             "rename one")
         lowered[name.lower()] = path
         check_file(path, base)
-        files.append(LoraFile(name, path, _sha256(path)))
+        files.append(LoraFile(name, path, file_sha256(path)))
     if not files:
         raise LoraError(f"lora_library: {folder} holds no <name>{SUFFIX} file")
     return Library(folder, tuple(files))
@@ -248,7 +240,7 @@ class Adapters:
         for i, entry in enumerate(library.files):
             if not entry.path.is_file():
                 raise LoraError(f"{entry.path}: missing; the repository was built with it (rebuild, or put it back)")
-            if _sha256(entry.path) != entry.sha256:
+            if file_sha256(entry.path) != entry.sha256:
                 raise LoraError(f"{entry.path}: changed since the repository was built; rebuild it so that its "
                                 "check and its name list cover what is served")
             state, metadata = Flux2LoraLoaderMixin.lora_state_dict(str(entry.path), return_lora_metadata=True)
