@@ -221,6 +221,6 @@ def test_repository_configs_come_from_the_specs(triton_repo, tiny_ckpt):
     te = (triton_repo / "text_encoder" / "config.pbtxt").read_text()
     assert "response_cache { enable: true }" in te and f"dims: [ -1, 512, {specs['text_encoder'].config['width']} ]" in te
     ens = (triton_repo / "flux2_klein" / "config.pbtxt").read_text()
-    assert 'platform: "ensemble"' in ens and ens.count("optional: true") == len(INPUTS) == 12
+    assert 'platform: "ensemble"' in ens and ens.count("optional: true") == len(INPUTS) == 13
     build = json.loads((triton_repo / "build.json").read_text())
     assert set(build["sources"]) == set(specs) and all(len(v["onnx_sha256"]) == 64 for v in build["sources"].values())
