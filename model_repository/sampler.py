@@ -39,11 +39,11 @@ class TritonPythonModel:
             one_torch_thread()  # the loop's small tensors: more threads only wait on each other (ort_session.py)
         self.negatives = {}  # the negative prompt's tokens -> its embedding, on self.device
 
-    def _dit(self, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids, loras=()):
+    def _dit(self, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids, loras=None):
         inputs = {"hidden_states": hidden_states, "encoder_hidden_states": encoder_hidden_states,
                   "timestep": timestep, "img_ids": img_ids, "txt_ids": txt_ids}
-        if loras:  # only a DiT with a LoRA library has this input (preprocess refuses loras elsewhere)
-            inputs["loras"] = np.array([format_choice(loras).encode("utf-8")], dtype=np.object_)
+        if loras is not None:  # only a DiT with a LoRA library has this input (preprocess refuses loras elsewhere)
+            inputs["loras"] = loras
         (velocity,) = bls("transformer", inputs, ["velocity"], self.device)
         return velocity
 
@@ -71,9 +71,11 @@ class TritonPythonModel:
     def _run(self, group, jobs, responses):
         first = jobs[group[0]][0]
         shape = first.shape
+        # The batch's one set, as the DiT's input: made once for every step of the loop.
+        loras = np.array([format_choice(shape.loras).encode("utf-8")], dtype=np.object_) if shape.loras else None
         try:
             latents = sample_batch(
-                functools.partial(self._dit, loras=shape.loras), [jobs[i][1] for i in group],
+                functools.partial(self._dit, loras=loras), [jobs[i][1] for i in group],
                 width=shape.width, height=shape.height,
                 num_steps=shape.num_steps, scheduler_config=self.scheduler_config, channels=self.channels,
                 do_cfg=shape.do_cfg, reference_grids=shape.reference_grids, device=self.device,
