@@ -28,6 +28,11 @@ was run once, bench/results/ has the report):
     Parameters"). The next run reuses the same pages: no faults, and the process holds about its peak
     (the largest size's working set plus some fragmentation across sizes) instead of twice that.
 
+The heap's fragmentation across sizes (its peak ~190 MB above the mmap variant's for the tiny VAE decoder)
+is more than paid for in Triton by the stub not loading torch (~210 MB per instance; flux2_klein/
+triton_tensors.py): a VAE decoder instance peaks at 1,330-1,344 MB after 1568x672 and 672x1568, against
+1,500-1,507 MB with torch and mmap per buffer (bench/results/2026-12-03-cpu-ort-leaves-without-torch.md).
+
 mallopt is process-wide: in Triton each instance is its own stub process, so it touches that instance only;
 in DirectPipeline it applies to the calling process, as it must for the two to run alike. Where the C
 library is not glibc (no mallopt) nothing is changed and `describe()` says so.

@@ -107,7 +107,14 @@ class Batching:
 
 @dataclass(frozen=True)
 class Instances:
-    """How many copies of each model serve at once, and where."""
+    """How many copies of each model serve at once, and where.
+
+    The CPU defaults were chosen by measurement (tiny checkpoint, 2-core host, concurrency 2, A B A B in one
+    session; bench/results/2026-12-03-cpu-ort-leaves-without-torch.md): one VAE decoder or one DiT instance
+    instead of two cost 6-15% of images/s (a 180-200 ms queue in front of it); a second text encoder took its
+    3-8 ms queue away but moved images/s by +1.5%, inside the run-to-run spread, for one more copy of its
+    weights (16 GB in fp32 for the real Qwen3-4B): kept at one.
+    """
 
     kind: str = "KIND_CPU"  # KIND_GPU on a GPU machine
     preprocess: int = 2

@@ -111,6 +111,12 @@ def test_model_table_and_overhead_from_a_known_statistics_delta():
     assert o["ratio"] == pytest.approx(1000 / 760)
 
 
+def test_instance_memory_lists_only_the_given_repositorys_stubs(tmp_path):
+    from flux2_klein.client.bench.memory import by_model, instance_memory
+
+    assert instance_memory(tmp_path) == {} and by_model({}) == {}
+
+
 def test_perf_analyzer_failures_say_what_to_install():
     assert "libb64-0d" in _diagnose("perf_analyzer: error while loading shared libraries: libb64.so.0d: cannot open")
     assert "nvidia-cuda-runtime-cu12" in _diagnose(
@@ -190,6 +196,25 @@ def test_report_files_are_written(bench_run):
         assert f"| {name} |" in md
     with Image.open(out / "report.png") as png:
         assert png.format == "PNG" and png.size[0] > 400
+
+
+def test_memory_per_instance_is_in_the_report(bench_run):
+    """Read from the stubs' /proc on this machine: every Python model of the repository, its instances, and
+    which have torch loaded: none of the ONNX Runtime leaves (their glue is numpy only), the sampler does."""
+    report, out = bench_run
+    models = report["memory"]["models"]
+    assert set(models) == {"preprocess", "sampler", "text_encoder", "transformer", "vae_decoder", "vae_encoder"}
+    assert models["vae_decoder"]["instances"] == report["setup"]["instances"]["vae_decoder"]
+    for name, m in models.items():
+        assert m["peak_mb"] >= m["rss_mb"] > 20, name
+    for leaf in ("text_encoder", "transformer", "vae_decoder", "vae_encoder"):
+        assert models[leaf]["torch"] is False, leaf
+    assert models["sampler"]["torch"] is True
+    # 1024x1024 decoded: the decoder's peak is above every other leaf's.
+    assert models["vae_decoder"]["peak_mb"] > max(models[n]["peak_mb"] for n in ("text_encoder", "transformer"))
+    assert report["memory"]["direct_process_peak_mb"] > models["vae_decoder"]["peak_mb"] * 0.5
+    md = (out / "report.md").read_text()
+    assert "## Memory per model instance" in md and "| vae_decoder | " in md
 
 
 def test_bench_falls_back_to_tritonclient_threads(triton_server, tmp_path):

@@ -97,6 +97,8 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {r['concurrency']} | {_f(r['triton'], 3)} | {_f(r['direct'], 3)} | {_f(r['ratio'], 3)} |")
     if report.get("gateway"):
         lines += [""] + gateway_lines(report["gateway"])
+    if report.get("memory"):
+        lines += [""] + memory_lines(report["memory"])
     goals = cmp.get("goals", {})
     if goals:
         why = cmp.get("goal_explanations") or goal_explanations(levels, cmp)
@@ -106,6 +108,20 @@ def markdown(report: dict[str, Any]) -> str:
         for k, v in goals.items():
             lines.append(f"- **{k}: {'met' if v else 'NOT met'}**" + (f"  \n  {why[k]}." if k in why else ""))
     return "\n".join(lines) + "\n"
+
+
+def memory_lines(memory: dict[str, Any]) -> list[str]:
+    lines = ["## Memory per model instance", "",
+             "Each Python-backend instance's process on this machine after the load (from /proc: peak = VmHWM, "
+             "what it has needed since it started, now = VmRSS); the largest instance of each model.", "",
+             "| model | instances | peak MB | now MB | torch loaded |", "|---|---:|---:|---:|---|"]
+    for name, m in memory["models"].items():
+        lines.append(f"| {name} | {m['instances']} | {_f(m['peak_mb'], 0)} | {_f(m['rss_mb'], 0)} | "
+                     f"{'yes' if m['torch'] else 'no'} |")
+    if memory.get("direct_process_peak_mb"):
+        lines += ["", f"The direct run's process (every network in one process, plus the bench's client): peak "
+                      f"{_f(memory['direct_process_peak_mb'], 0)} MB."]
+    return lines
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

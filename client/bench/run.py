@@ -15,6 +15,7 @@ from flux2_klein.contract import MODEL_NAME as MODEL
 
 from .gateway import gateway_cost
 from .load import perf_analyzer_level, python_level, run_direct
+from .memory import by_model, instance_memory, own_peak_mb
 from .progress import Progress, watch
 from .report import write_report
 from .stats import MODELS, compare, delta, model_table, overhead, settled_snapshot
@@ -179,6 +180,14 @@ class Run:
             return {"skipped": f"{type(e).__name__}: {e}"}
 
 
+def _memory(cfg: BenchConfig) -> dict[str, Any] | None:
+    """Each model instance's memory when the server runs here on cfg.repository (client/bench/memory.py)."""
+    if cfg.repository is None:
+        return None
+    instances = instance_memory(cfg.repository)
+    return {"instances": instances, "models": by_model(instances)} if instances else None
+
+
 def bench(cfg: BenchConfig) -> dict[str, Any]:
     """Run the benchmark; write report.md, report.json and report.png into cfg.out; return the report."""
     import tritonclient.grpc as grpcclient
@@ -197,10 +206,17 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
                                run.progress) if cfg.gateway else None
     finally:
         client.close()
+    # Read before the direct run, which may make this process (and the host) busy; after the levels, so the
+    # peaks are those of this run's sizes (and of whatever the server served before).
+    memory = _memory(cfg)
     direct = run.direct()
+    if memory is not None and "latency_ms" in direct:
+        memory["direct_process_peak_mb"] = own_peak_mb()
     setup["host"]["load_average_end"] = _loadavg()
     report = {"setup": setup, "levels": levels, "direct": direct,
               "comparison": compare(levels, direct if "latency_ms" in direct else None)}
+    if memory is not None:
+        report["memory"] = memory
     if gateway is not None:
         report["gateway"] = gateway
     write_report(report, Path(cfg.out))
