@@ -67,22 +67,32 @@ def stub_pids(server_pid: int) -> set[int]:
     return found
 
 
-def kill_orphan_stubs(repository: Path) -> int:
-    """SIGKILL stubs serving models of `repository` whose tritonserver is gone (the kernel re-parented them):
-    a server killed with SIGKILL leaves them holding memory and /dev/shm. Stubs of other repositories (other
-    servers on this machine) are left alone. The number killed."""
-    root, killed = str(Path(repository).resolve()) + os.sep, 0
+def repository_stubs(repository: Path):
+    """(pid, argv) of each Python-backend stub on this machine serving a model of `repository`: the stub's
+    first argument is its model file, REPO/MODEL/VERSION/model.py (python_backend src/stub_launcher.cc)."""
+    root = str(Path(repository).resolve()) + os.sep
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         with contextlib.suppress(OSError):
             if (entry / "comm").read_text().strip() != STUB_COMM:
                 continue
-            parent = _ppid(int(entry.name))
+            argv = [a.decode(errors="replace") for a in (entry / "cmdline").read_bytes().split(b"\0")]
+            if len(argv) > 1 and argv[1].startswith(root):
+                yield int(entry.name), argv
+
+
+def kill_orphan_stubs(repository: Path) -> int:
+    """SIGKILL stubs serving models of `repository` whose tritonserver is gone (the kernel re-parented them):
+    a server killed with SIGKILL leaves them holding memory and /dev/shm. Stubs of other repositories (other
+    servers on this machine) are left alone. The number killed."""
+    killed = 0
+    for pid, _ in repository_stubs(repository):
+        with contextlib.suppress(OSError):
+            parent = _ppid(pid)
             parent_comm = Path(f"/proc/{parent}/comm").read_text().strip() if parent and parent > 1 else ""
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            if parent_comm != "tritonserver" and len(argv) > 1 and argv[1].decode(errors="replace").startswith(root):
-                os.kill(int(entry.name), signal.SIGKILL)
+            if parent_comm != "tritonserver":
+                os.kill(pid, signal.SIGKILL)
                 killed += 1
     if killed:
         log.warning("killed %d Python-backend stub(s) of %s left by a tritonserver that died", killed, repository)

@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-STUB = "triton_python_backend_stub"
+from flux2_klein.watchdog import repository_stubs
+
 # A library only torch brings: whether an instance's process has torch loaded (~210 MB resident).
 TORCH_LIBRARY = "libtorch_cpu.so"
 
@@ -26,33 +27,16 @@ def _kb(status: str, key: str) -> int:
     return 0
 
 
-def _stubs(repository: Path):
-    """(pid, model, instance name) of each stub whose model.py lies in `repository`."""
-    root = repository.resolve()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue  # gone, or not ours to read
-        if len(argv) < 9 or not argv[0].decode(errors="replace").endswith(STUB):
-            continue
-        model_file = Path(argv[1].decode(errors="replace")).resolve()
-        try:
-            model_file.relative_to(root)
-        except ValueError:
-            continue
-        yield int(entry.name), model_file.parent.parent.name, argv[8].decode(errors="replace")
-
-
 def instance_memory(repository: Path | str) -> dict[str, dict[str, Any]]:
     """{instance name: {model, pid, peak_mb, rss_mb, torch}} for the stubs serving `repository`'s models on
     this machine; {} where there are none (another machine's server, a tensorrt_plan repository, no /proc)."""
     out: dict[str, dict[str, Any]] = {}
     if not Path("/proc").is_dir():
         return out
-    for pid, model, instance in _stubs(Path(repository)):
+    for pid, argv in repository_stubs(Path(repository)):
+        if len(argv) < 9:
+            continue
+        model, instance = Path(argv[1]).parent.parent.name, argv[8]
         try:
             status = Path(f"/proc/{pid}/status").read_text()
             maps = Path(f"/proc/{pid}/maps").read_text()
