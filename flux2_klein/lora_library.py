@@ -137,6 +137,13 @@ def format_choice(choice) -> str:
     return ",".join(parts)
 
 
+def choice_of_tensor(tensor, served: tuple[str, ...] | None = None) -> tuple[tuple[str, float], ...]:
+    """parse_choice of a set as it travels between models: the one element of a BYTES tensor (numpy object
+    array, any shape), bytes or str."""
+    item = tensor.reshape(-1)[0]
+    return parse_choice(item.decode("utf-8") if isinstance(item, bytes) else str(item), served)
+
+
 # ------------------------------------------------------------------------------------- the library
 
 

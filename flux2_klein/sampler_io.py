@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .contract import strength_steps
-from .lora_library import format_choice, parse_choice
+from .lora_library import choice_of_tensor, format_choice
 from .sampling import Shape, mask_tokens
 from .sizes import latent_grid
 from .triton_config import SAMPLER_INPUTS
@@ -90,14 +90,9 @@ def unpack(arrays: dict[str, np.ndarray]) -> SamplerRequest:
         references=unpack_references(arrays["reference_pixels"].reshape(-1), arrays["reference_shapes"].reshape(-1, 2)),
         negative_input_ids=arrays["negative_input_ids"].reshape(1, -1),
         negative_attention_mask=arrays["negative_attention_mask"].reshape(1, -1),
-        loras=parse_choice(_text(arrays["loras"])),
+        loras=choice_of_tensor(arrays["loras"]),
         **_picture(arrays, int(scalar("width")), int(scalar("height"))),
     )
-
-
-def _text(array: np.ndarray) -> str:
-    item = array.reshape(-1)[0]
-    return item.decode("utf-8") if isinstance(item, bytes) else str(item)
 
 
 def _picture(arrays: dict[str, np.ndarray], width: int, height: int) -> dict:

@@ -24,7 +24,7 @@ import triton_python_backend_utils as pb_utils
 
 from flux2_klein.dtypes import CONFIG_DTYPES, torch_dtype
 from flux2_klein.leaf_timing import TritonMetrics
-from flux2_klein.lora_library import LIBRARY_PARAMETER, Library, parse_choice
+from flux2_klein.lora_library import LIBRARY_PARAMETER, Library, choice_of_tensor
 from flux2_klein.torch_runtime import WarmShapes, configure_torch, load_leaf
 from flux2_klein.triton_tensors import error_response, get_input, get_numpy, params, to_triton
 
@@ -78,8 +78,7 @@ class TritonPythonModel:
             args = [get_input(request, n).to(self.device) for n in self.inputs]
             if self.leaf.adapters is not None:  # the set this call runs with (the sampler batches one set)
                 loras = get_numpy(request, "loras")
-                self.leaf.adapters.activate(() if loras is None else parse_choice(
-                    loras.reshape(-1)[0].decode("utf-8"), self.leaf.adapters.names))
+                self.leaf.adapters.activate(() if loras is None else choice_of_tensor(loras, self.leaf.adapters.names))
             result = self.leaf(*args)
             if self.leaf.monitor.last_compiled:
                 pb_utils.Logger.log_error(
